@@ -1,0 +1,1 @@
+"""Building the bundled model: corpus, tokenizer, training loop, model card."""

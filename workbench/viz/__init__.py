@@ -1,0 +1,1 @@
+"""Plots for the workbench notebooks and reports (matplotlib; imported only when you plot)."""
