@@ -13,14 +13,18 @@ metadata are explicit arguments; nothing is hidden in module state. Taught in no
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.kv.base import KVCache
 from workbench.model.batch import ForwardBatch
 from workbench.model.config import ModelConfig
 from workbench.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+if TYPE_CHECKING:  # the KV storages import the model's batch type; avoid the import cycle
+    from workbench.kv.base import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -150,3 +154,19 @@ class LlamaModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+
+def empty_model(config: ModelConfig, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """A model with uninitialised weights allocated directly on ``device`` (no CPU init pass).
+
+    Built on the meta device first, so an 8B shape costs no time in random initialisation that
+    a checkpoint load or :func:`workbench.model.presets.random_model` overwrites anyway.
+    """
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model.to_empty(device=device).to(dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty made new tensors: tie again
+    model.inv_freq = inverse_frequencies(config).to(device)  # buffers are not in checkpoints
+    return model

@@ -15,11 +15,11 @@ from safetensors import SafetensorError, safe_open
 
 from workbench.errors import WorkbenchError
 from workbench.model.config import ModelConfig
-from workbench.model.llama import LlamaModel
-from workbench.model.rope import inverse_frequencies
+from workbench.model.llama import LlamaModel, empty_model
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 BUNDLED_MODEL = "stdlib-llama-7m"
+PRESET_PREFIX = "preset:"
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -68,15 +68,22 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_model(model: str | Path, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> LlamaModel:
-    """Build :class:`LlamaModel` from a checkpoint directory (or ``"bundled"``) on ``device``."""
+    """Build :class:`LlamaModel` from a checkpoint directory (or ``"bundled"``) on ``device``.
+
+    ``"preset:NAME"`` gives a random-weight model of a real model's shape (for timing).
+    """
+    if str(model).startswith(PRESET_PREFIX):
+        from workbench.model.presets import random_model
+
+        return random_model(str(model).removeprefix(PRESET_PREFIX), device, dtype)
     model_dir = resolve_model_dir(model)
     config = ModelConfig.from_file(model_dir / "config.json")
     state = read_state_dict(model_dir)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the head is the embedding matrix
     with torch.device("meta"):
-        net = LlamaModel(config)
-    expected = {name: p.shape for name, p in net.named_parameters()}  # tied weight listed once
+        expected = {name: p.shape for name, p in LlamaModel(config).named_parameters()}
+    # named_parameters lists a tied weight once, under embed_tokens
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -87,17 +94,15 @@ def load_model(model: str | Path, device: torch.device | str = "cpu",
         if state[name].shape != shape:
             raise WorkbenchError(f"tensor {name} has shape {tuple(state[name].shape)}, "
                                  f"config implies {tuple(shape)}")
-    net.to_empty(device=device)
-    net.to(dtype)
-    if config.tie_word_embeddings:
-        net.lm_head.weight = net.embed_tokens.weight  # to_empty makes new tensors: tie again
+    net = empty_model(config, device, dtype)
     net.load_state_dict(state, strict=False)  # strictness checked above, by name and shape
-    net.inv_freq = inverse_frequencies(config).to(device)
     return net.eval()
 
 
 def load_tokenizer(model: str | Path):
     """The checkpoint's tokenizer through ``transformers.AutoTokenizer``, or None if it has none."""
+    if str(model).startswith(PRESET_PREFIX):
+        return None  # shape presets are random weights: token ids only
     model_dir = resolve_model_dir(model)
     if not (model_dir / "tokenizer.json").is_file():
         return None

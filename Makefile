@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make notebooks   create the environment, execute the ordered notebooks on this machine
+#   make test        create the environment, run the unit tests and validate the notebooks
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEVICE ?= auto
+OUT ?= out/notebooks
+
+.PHONY: env notebooks smoke test lab clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml tools/install.sh
+	VENV=$(VENV) bash tools/install.sh
+	touch $@
+
+notebooks: env
+	$(PY) -m workbench notebooks run --out $(OUT) --device $(DEVICE)
+
+smoke: env
+	$(PY) -m workbench notebooks run --out $(OUT) --device $(DEVICE) --smoke
+
+test: env
+	$(PY) -m pytest
+
+lab: env
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf out/ .pytest_cache

@@ -1,0 +1,33 @@
+"""Every ordered notebook executes end to end with papermill in smoke mode.
+
+(pytest's nbval plugin separately re-runs the stored notebooks and compares the cells marked
+``# NBVAL_CHECK_OUTPUT``; this test exercises the ``smoke`` parameter path the main job uses.)
+"""
+
+import pytest
+
+from workbench.runner import NOTEBOOK_DIR, ordered_notebooks, read_summary
+
+
+@pytest.mark.parametrize("book", ordered_notebooks(), ids=lambda p: p.name)
+def test_notebook_runs_in_smoke_mode(book, tmp_path):
+    import papermill
+
+    out = tmp_path / book.name
+    papermill.execute_notebook(str(book), str(out), cwd=str(NOTEBOOK_DIR),
+                               parameters={"device": "cpu", "smoke": True},
+                               kernel_name="python3", progress_bar=False)
+    assert read_summary(out), f"{book.name} has no cell tagged 'summary' with JSON output"
+
+
+def test_notebooks_have_parameters_and_summary_cells():
+    import json
+
+    for book in ordered_notebooks():
+        cells = json.loads(book.read_text())["cells"]
+        tags = [t for c in cells for t in c.get("metadata", {}).get("tags", [])]
+        assert "parameters" in tags and "summary" in tags, book.name
+        params = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+        source = "".join(params["source"])
+        for knob in ('device = "auto"', 'model = "bundled"', "smoke = False"):
+            assert knob in source, f"{book.name}: parameters cell lacks {knob}"

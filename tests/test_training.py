@@ -1,0 +1,87 @@
+"""The bundled model's pipeline on a tiny corpus: documents, tokenizer, a few CPU steps."""
+
+import json
+
+import numpy as np
+import torch
+
+from workbench.model import ForwardBatch, load_model, load_tokenizer
+from workbench.training.corpus import documents_of, is_held_out
+from workbench.training.tokenizer import EOS, save_tokenizer, train_tokenizer
+from workbench.training.train import TrainConfig, lr_at, train
+
+SOURCE = '''"""Module docstring is not a document."""
+import os
+
+X = 1
+
+@decorator
+def first(a, b=2):
+    """Add."""
+    return a + b
+
+
+class Second:
+    def method(self):
+        return 1
+
+async def third():
+    pass
+'''
+
+
+def test_documents_are_top_level_definitions_with_decorators():
+    docs = documents_of(SOURCE, "pkg/mod.py")
+    assert [d.name for d in docs] == ["first", "Second", "third"]
+    assert docs[0].text.startswith("@decorator\ndef first")
+    assert docs[1].text.endswith("return 1")
+    assert documents_of("def broken(:\n", "bad.py") == []
+
+
+def test_held_out_split_is_stable_and_about_one_in_twenty():
+    paths = [f"pkg/module_{i}.py" for i in range(4000)]
+    share = sum(map(is_held_out, paths)) / len(paths)
+    assert 0.035 < share < 0.065
+    assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
+
+
+def test_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
+    tok = train_tokenizer([SOURCE] * 20, vocab_size=300)
+    save_tokenizer(tok, tmp_path, model_max_length=64)
+    (tmp_path / "config.json").write_text("{}")
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "def first(a, b=2):\n    return a + b"
+    assert auto.decode(auto(text).input_ids) == text
+    assert auto.eos_token == EOS and auto.convert_tokens_to_ids(EOS) == 0
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert abs(lr_at(99, cfg) - 0.1) < 1e-3 and lr_at(50, cfg) < lr_at(20, cfg)
+
+
+def test_few_cpu_steps_write_a_checkpoint_transformers_loads(tmp_path):
+    tok = train_tokenizer([SOURCE] * 20, vocab_size=300)
+    data = tmp_path / "data"
+    save_tokenizer(tok, data, model_max_length=64)
+    ids = np.array((tok.encode(SOURCE).ids + [0]) * 30, dtype=np.uint16)
+    np.save(data / "train.npy", ids)
+    np.save(data / "heldout.npy", ids[:400])
+    (data / "meta.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size(), "eos_id": 0}))
+    out = tmp_path / "model"
+    cfg = TrainConfig(steps=6, batch_size=2, context=32, eval_every=3, eval_windows=2, warmup=2)
+    log = train(data, out, cfg, device="cpu", progress=False)
+    assert log["best"]["held_out_loss"] < 7 and len(log["eval"]) == 2
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((data / name).read_bytes())
+    ours = load_model(out)
+    assert load_tokenizer(out) is not None
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    x = torch.from_numpy(ids[:20].astype(np.int64))[None]  # [1, 20]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ForwardBatch.prefill(x)), hf(x).logits)

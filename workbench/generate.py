@@ -1,0 +1,136 @@
+"""``workbench generate``: JSONL prompts in, JSONL completions out, every input checked first.
+
+Input lines are ``{"prompt": "text"}`` or ``{"prompt_ids": [1, 2, 3]}`` with an optional
+``"max_new_tokens"``. Output lines, in the same order, hold ``output_ids`` (generated tokens only,
+the EOS that ended them included, as ``transformers.generate`` returns them), ``text`` (decoded
+without special tokens; null when the checkpoint has no tokenizer), ``finish_reason`` and
+``num_prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    line: int  # 1-based line number in the input file
+    prompt: str | None
+    prompt_ids: list[int] | None
+    max_new_tokens: int | None
+
+
+def read_prompts(path: Path) -> list[PromptLine]:
+    """Parse a JSONL prompt file; any malformed line raises WorkbenchError naming its number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkbenchError(f"prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise WorkbenchError(f"cannot read prompts file {path}: {err}") from None
+    prompts = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise WorkbenchError(f"{path}:{n}: malformed JSON ({err.msg})") from None
+        prompts.append(_check_line(obj, path, n))
+    if not prompts:
+        raise WorkbenchError(f"{path} holds no prompts")
+    return prompts
+
+
+def _check_line(obj: object, path: Path, n: int) -> PromptLine:
+    where = f"{path}:{n}"
+    if not isinstance(obj, dict):
+        raise WorkbenchError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    prompt, ids, limit = obj.get("prompt"), obj.get("prompt_ids"), obj.get("max_new_tokens")
+    if (prompt is None) == (ids is None):
+        raise WorkbenchError(f"{where}: give exactly one of \"prompt\" or \"prompt_ids\"")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+        raise WorkbenchError(f"{where}: \"prompt\" must be a non-empty string")
+    if ids is not None and (not isinstance(ids, list) or not ids
+                            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        raise WorkbenchError(f"{where}: \"prompt_ids\" must be a non-empty list of integers")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise WorkbenchError(f"{where}: \"max_new_tokens\" must be an integer >= 0, got {limit!r}")
+    return PromptLine(n, prompt, ids, limit)
+
+
+def tokenize(lines: list[PromptLine], tokenizer, vocab_size: int, context: int,
+             default_max_new: int, path: Path) -> tuple[list[list[int]], list[int]]:
+    """Token ids and max_new_tokens per prompt, checked against the vocabulary and context."""
+    all_ids, limits = [], []
+    for p in lines:
+        where = f"{path}:{p.line}"
+        if p.prompt_ids is not None:
+            ids = p.prompt_ids
+        elif tokenizer is None:
+            raise WorkbenchError(f"{where}: this checkpoint has no tokenizer.json; give "
+                                 "\"prompt_ids\" instead of \"prompt\"")
+        else:
+            ids = tokenizer(p.prompt).input_ids
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise WorkbenchError(f"{where}: token ids {bad[:5]} outside the vocabulary "
+                                 f"(0..{vocab_size - 1})")
+        limit = default_max_new if p.max_new_tokens is None else p.max_new_tokens
+        if len(ids) > context:
+            raise WorkbenchError(f"{where}: prompt is {len(ids)} tokens, longer than the model's "
+                                 f"context of {context}")
+        if len(ids) + limit > context:
+            raise WorkbenchError(f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({limit}) "
+                                 f"exceeds the model's context of {context}")
+        all_ids.append(ids)
+        limits.append(limit)
+    return all_ids, limits
+
+
+def generate_file(args: argparse.Namespace) -> None:
+    """Run the ``generate`` command from parsed CLI arguments."""
+    from workbench.engine import SamplingParams, generate_static
+    from workbench.hardware import resolve_device
+    from workbench.model.loading import load_model, load_tokenizer
+
+    if args.max_new_tokens < 0:
+        raise WorkbenchError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise WorkbenchError(f"--batch-size must be >= 1, got {args.batch_size}")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+    device = resolve_device(args.device)
+    lines = read_prompts(args.prompts)
+    model = load_model(args.model, device, getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(args.model)
+    config = model.config
+    ids, limits = tokenize(lines, tokenizer, config.vocab_size, config.max_position_embeddings,
+                           args.max_new_tokens, args.prompts)
+    run = generate_static(model, ids, limits, batch_size=args.batch_size, sampling=sampling,
+                          progress=not args.no_progress)
+    records = []
+    for line, prompt_ids, out in zip(lines, ids, run.outputs):
+        text = None if tokenizer is None else tokenizer.decode(out.output_ids,
+                                                               skip_special_tokens=True)
+        record = {"output_ids": out.output_ids, "text": text, "finish_reason": out.finish_reason,
+                  "num_prompt_tokens": len(prompt_ids)}
+        if line.prompt is not None:
+            record = {"prompt": line.prompt} | record
+        records.append(json.dumps(record))
+    body = "\n".join(records) + "\n"
+    if args.output == "-":
+        sys.stdout.write(body)
+    else:
+        try:
+            Path(args.output).write_text(body)
+        except OSError as err:
+            raise WorkbenchError(f"cannot write {args.output}: {err}") from None
