@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from workbench.engine.requests import check_request
 from workbench.errors import WorkbenchError
+from workbench.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def _check_line(obj: object, path: Path, n: int) -> PromptLine:
     return PromptLine(n, prompt, ids, limit)
 
 
-def tokenize(lines: list[PromptLine], tokenizer, vocab_size: int, context: int,
-             default_max_new: int, path: Path) -> tuple[list[list[int]], list[int]]:
+def tokenize(lines: list[PromptLine], tokenizer, config: ModelConfig, default_max_new: int,
+             path: Path) -> tuple[list[list[int]], list[int]]:
     """Token ids and max_new_tokens per prompt, checked against the vocabulary and context."""
     all_ids, limits = [], []
     for p in lines:
@@ -80,17 +82,8 @@ def tokenize(lines: list[PromptLine], tokenizer, vocab_size: int, context: int,
                                  "\"prompt_ids\" instead of \"prompt\"")
         else:
             ids = tokenizer(p.prompt).input_ids
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
-            raise WorkbenchError(f"{where}: token ids {bad[:5]} outside the vocabulary "
-                                 f"(0..{vocab_size - 1})")
         limit = default_max_new if p.max_new_tokens is None else p.max_new_tokens
-        if len(ids) > context:
-            raise WorkbenchError(f"{where}: prompt is {len(ids)} tokens, longer than the model's "
-                                 f"context of {context}")
-        if len(ids) + limit > context:
-            raise WorkbenchError(f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({limit}) "
-                                 f"exceeds the model's context of {context}")
+        check_request(config, ids, limit, where)
         all_ids.append(ids)
         limits.append(limit)
     return all_ids, limits
@@ -113,8 +106,7 @@ def generate_file(args: argparse.Namespace) -> None:
     model = load_model(args.model, device, getattr(torch, args.dtype))
     tokenizer = load_tokenizer(args.model)
     config = model.config
-    ids, limits = tokenize(lines, tokenizer, config.vocab_size, config.max_position_embeddings,
-                           args.max_new_tokens, args.prompts)
+    ids, limits = tokenize(lines, tokenizer, config, args.max_new_tokens, args.prompts)
     run = generate_static(model, ids, limits, batch_size=args.batch_size, sampling=sampling,
                           progress=not args.no_progress)
     records = []

@@ -24,9 +24,9 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also rejects NaN
             raise WorkbenchError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
+        if not isinstance(self.top_k, int) or self.top_k < 0:
             raise WorkbenchError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise WorkbenchError(f"top_p must be in (0, 1], got {self.top_p}")

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.attention.masks import padded_causal_mask
+from workbench.engine.requests import check_request, per_request_limits
 from workbench.engine.sampling import SamplingParams, sample
+from workbench.errors import WorkbenchError
 from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
 from workbench.model.llama import LlamaModel
@@ -54,8 +56,11 @@ def generate_static(model: LlamaModel, prompts: list[list[int]], max_new_tokens:
     """Generate for every prompt (token ids) in padded batches of ``batch_size``, in order."""
     from tqdm.auto import tqdm
 
-    limits = (max_new_tokens if isinstance(max_new_tokens, list)
-              else [max_new_tokens] * len(prompts))
+    if batch_size < 1:
+        raise WorkbenchError(f"batch_size must be >= 1, got {batch_size}")
+    limits = per_request_limits(max_new_tokens, len(prompts))
+    for i, (ids, limit) in enumerate(zip(prompts, limits)):
+        check_request(model.config, ids, limit, where=f"request {i}")
     eos = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     run = StaticRun(outputs=[GenerationOutput([], "length") for _ in prompts])
     start = time.perf_counter()

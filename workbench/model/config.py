@@ -139,21 +139,24 @@ class ModelConfig:
         if raw.get("use_sliding_window"):
             raise WorkbenchError("sliding-window attention in Qwen2 checkpoints is not supported")
         try:
-            heads = int(raw["num_attention_heads"])
-            hidden = int(raw["hidden_size"])
+            heads = _integer(raw, "num_attention_heads")
+            hidden = _integer(raw, "hidden_size")
+            if heads <= 0:
+                raise WorkbenchError(f"model config: num_attention_heads must be a positive "
+                                     f"integer, got {heads}")
             rope_theta, scaling = _read_rope(raw)
             eos = raw.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             qkv_bias = model_type == "qwen2" or bool(raw.get("attention_bias", False))
             return cls(
-                vocab_size=int(raw["vocab_size"]),
+                vocab_size=_integer(raw, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
+                intermediate_size=_integer(raw, "intermediate_size"),
+                num_hidden_layers=_integer(raw, "num_hidden_layers"),
                 num_attention_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                num_key_value_heads=_integer(raw, "num_key_value_heads", heads),
+                head_dim=_integer(raw, "head_dim", hidden // heads),
+                max_position_embeddings=_integer(raw, "max_position_embeddings", 2048),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=scaling,
@@ -178,16 +181,32 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise WorkbenchError(f"no config.json in {path.parent}") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise WorkbenchError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise WorkbenchError(f"{path} must hold a JSON object")
         return cls.from_hf_dict(raw)
 
 
+def _integer(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``raw[key]`` as an int; a missing/null key takes ``default``; 10.7 or "8" is an error."""
+    if key not in raw and default is None:
+        raise KeyError(key)
+    value = raw.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise WorkbenchError(f"model config has a malformed value: {key} must be an integer, "
+                             f"got {value!r}")
+    return int(value)
+
+
 def _read_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise WorkbenchError(f"model config: rope_parameters/rope_scaling must be an object, "
+                             f"got {params!r}")
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
