@@ -328,13 +328,13 @@ def test_per_request_max_new_tokens(model) -> None:
 def test_max_new_tokens_zero(model) -> None:
     run = generate_static(model, prompts_of([3, 5], seed=5), 0, batch_size=2)
     assert [o.output_ids for o in run.outputs] == [[], []]
-    assert run.slot_steps == 0 and run.steps == []
+    assert run.slot_steps == 0 and run.timeline == []
 
 
 def test_full_batches_have_full_utilization(model) -> None:
     run = generate_static(model, prompts_of([3, 8, 5, 1], seed=6), 4, batch_size=2, eos_ids=())
     assert run.utilization == 1.0
-    assert len(run.steps) == 2 * 4
+    assert len(run.timeline) == 2 * 4
     assert run.seconds > 0
 
 
@@ -355,7 +355,7 @@ def test_eos_ends_a_row(model) -> None:
     assert run.outputs[0].finish_reason == "eos" and len(run.outputs[0].output_ids) <= 5
     assert 0 < run.utilization <= 1
     # a finished row stops being listed as active
-    assert all(0 not in active for _, step, active in run.steps if step >= 5)
+    assert all(row[0] != 0 for row in run.timeline[len(run.outputs[0].output_ids):])
 
 
 def test_config_eos_used_by_default(model) -> None:

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from workbench.attention.sdpa import sdpa
 from workbench.model.batch import ForwardBatch
 
 
@@ -26,6 +27,16 @@ class KVCache(ABC):
 
         The returned tensors are [B, Hkv, S, d], S matching the last dimension of ``batch.mask``.
         """
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """Store this step's k/v, then attend: q [B, H, T, d] -> [B, H, T, d].
+
+        The default stores through :meth:`update` and attends densely under ``batch.mask``;
+        storages with their own layout (packed slots, pages) override it.
+        """
+        k_all, v_all = self.update(layer, k, v, batch)  # [B, Hkv, S, d]
+        return sdpa(q, k_all, v_all, batch.mask, causal=batch.mask is None)
 
     @abstractmethod
     def advance(self, batch: ForwardBatch) -> None:

@@ -8,9 +8,25 @@ their own fields without changing the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class PackedLayout:
+    """How the N tokens of one packed row [1, N] split into sequences (continuous batching).
+
+    Sequences come decodes first (one new token each), then prefill chunks. Sequence i owns KV
+    slot ``slots[i]``, brings ``query_lens[i]`` new tokens and, after this step, holds
+    ``context_lens[i]`` tokens in its slot. Python lists, so no step ever waits on the device.
+    """
+
+    slots: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    num_decodes: int
+    slot_mapping: torch.Tensor = field(repr=False)  # [N] the KV slot of each new token
 
 
 @dataclass
@@ -23,6 +39,8 @@ class ForwardBatch:
     # this step). None means plain causal attention among the T tokens after kv_start cached ones.
     mask: torch.Tensor | None = None
     kv_start: int = 0  # how many tokens each row already holds in contiguous KV storage
+    layout: PackedLayout | None = None  # set for packed batches (B == 1)
+    logits_indices: torch.Tensor | None = None  # [M] columns whose logits are needed
 
     @classmethod
     def prefill(cls, input_ids: torch.Tensor) -> "ForwardBatch":

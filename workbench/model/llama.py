@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.attention.sdpa import sdpa
 from workbench.model.batch import ForwardBatch
 from workbench.model.config import ModelConfig
 from workbench.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -64,14 +65,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(B, T, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            k, v = kv.update(self.layer, k, v, batch)  # [B, Hkv, S, d], S = cached + T
-        if batch.mask is None and k.shape[2] != T and T != 1:
-            raise ValueError("a multi-token step after cached tokens needs an explicit mask")
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=batch.mask,
-            is_causal=batch.mask is None and T > 1,  # T == 1: one query sees every cached key
-            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, T, d]
+        if kv is None:  # no cache: attend among the T tokens of this step
+            out = sdpa(q, k, v, batch.mask, causal=batch.mask is None)  # [B, H, T, d]
+        else:  # the storage writes k/v and attends through its own layout
+            out = kv.attend(self.layer, q, k, v, batch)  # [B, H, T, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * d))
 
 
@@ -134,9 +131,13 @@ class LlamaModel(nn.Module):
             x = self.layers[i](x, cos, sin, batch, kv)
         return x
 
-    def head(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Final norm and LM head: logits [B, T, vocab], or [B, vocab] of the last column."""
-        if last_only:
+    def head(self, x: torch.Tensor, last_only: bool = False,
+             indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and LM head: logits [B, T, vocab]; [B, vocab] of the last column with
+        ``last_only``; [M, vocab] of packed columns ``indices`` (a packed batch has B == 1)."""
+        if indices is not None:
+            x = x[0, indices]  # [M, hidden]
+        elif last_only:
             x = x[:, -1]  # [B, hidden]
         return self.lm_head(self.norm(x))
 
@@ -145,7 +146,7 @@ class LlamaModel(nn.Module):
         x = self.run_layers(self.embed(batch), batch, kv)
         if kv is not None:
             kv.advance(batch)
-        return self.head(x, last_only)
+        return self.head(x, last_only, batch.logits_indices)
 
     @property
     def device(self) -> torch.device:
