@@ -1,4 +1,4 @@
-"""``python -m workbench`` (also installed as ``workbench``): info, generate, notebooks run.
+"""``python -m workbench`` (also installed as ``workbench``): info, generate, bench, notebooks.
 
 Bad input ends with one line on stderr (``workbench: error: ...``) and exit code 2, never a
 traceback; ``--debug`` shows the traceback of unexpected failures.
@@ -40,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help='JSONL: {"prompt": "..."} or {"prompt_ids": [...]}, '
                           'optional "max_new_tokens"')
     gen.add_argument("--output", required=True, help="JSONL written in the same order ('-' = stdout)")
-    gen.add_argument("--strategy", default="static", choices=["static"],
-                     help="batching strategy (continuous batching comes with notebook 02)")
+    gen.add_argument("--strategy", default="static", choices=["static", "continuous"],
+                     help="static padded batches, or continuous (iteration-level) batching")
     gen.add_argument("--kv", default="contiguous", choices=["contiguous"], help="KV storage")
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="static: rows per batch; continuous: max sequences running at once")
+    gen.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                     help="continuous: tokens per forward pass (prefill chunks + decodes)")
+    gen.add_argument("--chunked-prefill", action="store_true",
+                     help="continuous: split long prompts over several steps")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="float32", choices=DTYPES)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -52,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-progress", action="store_true")
+
+    from workbench.bench.run import add_bench_parser
+
+    add_bench_parser(sub)
 
     nb = sub.add_parser("notebooks", help="execute the ordered notebooks")
     nb_sub = nb.add_subparsers(dest="nb_command", required=True, parser_class=_Parser)
@@ -88,6 +97,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate_file(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from workbench.bench.run import run_bench
+
+    run_bench(args)
+
+
 def cmd_notebooks(args: argparse.Namespace) -> None:
     from workbench.runner import run_notebooks
 
@@ -99,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        {"info": cmd_info, "generate": cmd_generate, "notebooks": cmd_notebooks}[args.command](args)
+        commands = {"info": cmd_info, "generate": cmd_generate, "bench": cmd_bench,
+                    "notebooks": cmd_notebooks}
+        commands[args.command](args)
     except WorkbenchError as err:
         print(f"workbench: error: {err}", file=sys.stderr)
         return 2

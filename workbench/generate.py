@@ -91,7 +91,8 @@ def tokenize(lines: list[PromptLine], tokenizer, config: ModelConfig, default_ma
 
 def generate_file(args: argparse.Namespace) -> None:
     """Run the ``generate`` command from parsed CLI arguments."""
-    from workbench.engine import SamplingParams, generate_static
+    from workbench.engine import (EngineConfig, Request, SamplingParams, run_continuous,
+                                  run_static)
     from workbench.hardware import resolve_device
     from workbench.model.loading import load_model, load_tokenizer
 
@@ -107,8 +108,18 @@ def generate_file(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.model)
     config = model.config
     ids, limits = tokenize(lines, tokenizer, config, args.max_new_tokens, args.prompts)
-    run = generate_static(model, ids, limits, batch_size=args.batch_size, sampling=sampling,
-                          progress=not args.no_progress)
+    requests = [Request(tuple(p), n, id=i) for i, (p, n) in enumerate(zip(ids, limits))]
+    if args.strategy == "continuous":
+        config = EngineConfig(max_num_seqs=args.batch_size,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              chunked_prefill=args.chunked_prefill)
+        run = run_continuous(model, requests, config, sampling, progress=not args.no_progress)
+    else:
+        run = run_static(model, requests, args.batch_size, sampling,
+                         progress=not args.no_progress)
+    rejected = [t for t in run.traces if t.finish_reason == "rejected"]
+    if rejected:  # e.g. a prompt longer than the continuous engine's per-step token budget
+        raise WorkbenchError(rejected[0].error)
     records = []
     for line, prompt_ids, out in zip(lines, ids, run.outputs):
         text = None if tokenizer is None else tokenizer.decode(out.output_ids,

@@ -48,16 +48,8 @@ class SlotKVCache(KVCache):
         k_cache, v_cache = self.update(layer, k, v, batch)
         lay = batch.layout
         nd, parts = lay.num_decodes, []
-        if nd:  # decodes, batched: q [1, H, nd, d] -> [nd, H, 1, d]
-            q_dec = q[0, :, :nd].transpose(0, 1)[:, :, None]
-            longest = max(lay.context_lens[:nd])
-            idx = torch.tensor(lay.slots[:nd], device=q.device)
-            keys = k_cache[idx, :, :longest]  # [nd, Hkv, longest, d]
-            values = v_cache[idx, :, :longest]
-            lens = torch.tensor(lay.context_lens[:nd], device=q.device)
-            mask = (torch.arange(longest, device=q.device) < lens[:, None])[:, None, None]
-            out = sdpa(q_dec, keys, values, mask)  # [nd, H, 1, d]
-            parts.append(out[:, :, 0].transpose(0, 1)[None])  # [1, H, nd, d]
+        if nd:  # decodes, batched over every slot, in place: no copy of the cache
+            parts.append(self._decode(q[0, :, :nd], k_cache, v_cache, lay))  # [1, H, nd, d]
         start = nd
         for slot, n, ctx in zip(lay.slots[nd:], lay.query_lens[nd:], lay.context_lens[nd:]):
             q_seq = q[:, :, start:start + n]  # [1, H, n, d]
@@ -67,6 +59,25 @@ class SlotKVCache(KVCache):
             parts.append(sdpa(q_seq, keys, values, mask, causal=True))
             start += n
         return torch.cat(parts, dim=2)  # [1, H, N, d]
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                lay) -> torch.Tensor:
+        """One query per decoding sequence, q [H, nd, d], against its own slot's keys.
+
+        The queries are placed in a [num_slots, H, 1, d] tensor so that attention reads the
+        cache where it lies (a view up to the longest context, no gather); idle slots get a
+        dummy query that sees one key, and their output is dropped.
+        """
+        nd = q.shape[1]
+        longest = max(lay.context_lens[:nd])
+        slots = torch.tensor(lay.slots[:nd], device=q.device)
+        lens = torch.ones(self.num_slots, dtype=torch.long, device=q.device)
+        lens[slots] = torch.tensor(lay.context_lens[:nd], device=q.device)
+        q_all = q.new_zeros(self.num_slots, q.shape[0], 1, q.shape[2])  # [slots, H, 1, d]
+        q_all[slots] = q.transpose(0, 1)[:, :, None]  # [nd, H, 1, d]
+        mask = (torch.arange(longest, device=q.device) < lens[:, None])[:, None, None]
+        out = sdpa(q_all, k_cache[:, :, :longest], v_cache[:, :, :longest], mask)
+        return out[slots, :, 0].transpose(0, 1)[None]  # [1, H, nd, d]
 
     def advance(self, batch: ForwardBatch) -> None:
         """Nothing to do: each sequence's length lives in the scheduler's bookkeeping."""

@@ -1,0 +1,110 @@
+"""``workbench bench batching``: static vs continuous batching, ours and transformers', one run.
+
+Every system serves the same requests on the same model, device and dtype, one after the other in
+one process, each after a short warm-up. Reported per system: useful output tok/s (tokens a
+request asked for, up to its EOS), the vLLM latency metrics, and for ours the slot utilization;
+then the ratios and the fraction of the decode roofline bound reached (at the engine's batch, a
+decode step must read every weight once: ``batch x bandwidth / weight bytes`` tok/s at most).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from workbench.engine import EngineConfig, Request, SamplingParams, run_continuous, run_static
+from workbench.errors import WorkbenchError
+from workbench.metrics import summarize
+
+SYSTEMS = ("workbench/static", "workbench/continuous", "transformers/static",
+           "transformers/continuous")
+
+
+@dataclass(frozen=True)
+class BatchingBench:
+    """What to run: systems, the static batch size and the continuous engine's limits."""
+
+    systems: tuple[str, ...] = SYSTEMS
+    batch_size: int = 32
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    chunked_prefill: bool = False
+    hf_max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.systems) - set(SYSTEMS)
+        if unknown:
+            raise WorkbenchError(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+        if self.batch_size < 1:
+            raise WorkbenchError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(self.max_num_seqs, self.max_num_batched_tokens,
+                            chunked_prefill=self.chunked_prefill)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_system(system: str, requests: list[Request], bench: BatchingBench, model, hf_model,
+               progress: bool = False):
+    """Serve ``requests`` with one system; (traces, seconds, slot utilization or None)."""
+    if system.startswith("workbench/"):
+        run = (run_static(model, requests, bench.batch_size, SamplingParams(), progress=progress)
+               if system == "workbench/static" else
+               run_continuous(model, requests, bench.engine_config(), progress=progress))
+        return run.traces, run.seconds, run.utilization
+    from workbench.baselines.hf import hf_continuous, hf_static
+
+    eos = list(model.config.eos_token_ids) or None
+    start = time.perf_counter()
+    if system == "transformers/static":
+        traces = hf_static(hf_model, requests, bench.batch_size, model.device, eos_token_id=eos,
+                           pad_token_id=(eos or [0])[0], progress=progress, warmup=False, t0=start)
+    else:
+        traces = hf_continuous(hf_model, requests, model.device, eos_token_id=eos,
+                               max_batch_tokens=bench.hf_max_batch_tokens, progress=progress,
+                               warmup=True, t0=None)
+    return traces, time.perf_counter() - start, None
+
+
+def bench_batching(model, hf_model, requests: list[Request], bench: BatchingBench,
+                   roofline=None, progress: bool = True, warmup_requests: int = 4) -> list[dict]:
+    """One result dict per system (and the ratios on the continuous rows)."""
+    results = []
+    warm = [Request(r.prompt_ids, min(r.max_new_tokens, 4), ignore_eos=r.ignore_eos, id=r.id)
+            for r in requests[:warmup_requests]]
+    for system in bench.systems:
+        if warm:
+            run_system(system, warm, bench, model, hf_model)  # one-time costs out of the timing
+        _sync(model.device)
+        traces, seconds, utilization = run_system(system, requests, bench, model, hf_model,
+                                                  progress)
+        _sync(model.device)
+        row = {"system": system, **summarize(traces, seconds)}
+        if utilization is not None:
+            row["slot_utilization"] = utilization
+        if roofline is not None:
+            batch = bench.batch_size if "static" in system else bench.max_num_seqs
+            bound = roofline.max_decode_tokens_per_s(weight_bytes(model), batch=batch)
+            row["decode_roofline_tok_s"] = bound
+            row["fraction_of_roofline"] = row["output_tok_s"] / bound
+        results.append(row)
+    by_name = {r["system"]: r["output_tok_s"] for r in results}
+    for row in results:
+        if row["system"].endswith("/continuous"):
+            static = by_name.get(row["system"].replace("continuous", "static"))
+            if static:
+                row["speedup_vs_static"] = row["output_tok_s"] / static
+            peer = by_name.get("transformers/continuous")
+            if peer and row["system"] == "workbench/continuous":
+                row["speedup_vs_transformers_continuous"] = row["output_tok_s"] / peer
+    return results
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
