@@ -40,9 +40,12 @@ class BatchingBench:
         if self.batch_size < 1:
             raise WorkbenchError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, requests: list[Request]) -> EngineConfig:
+        """Slots sized to the longest request (not the model's whole context, which for
+        Llama 3 would reserve 131,072 tokens per slot)."""
+        longest = max((len(r.prompt_ids) + r.max_new_tokens for r in requests), default=1)
         return EngineConfig(self.max_num_seqs, self.max_num_batched_tokens,
-                            chunked_prefill=self.chunked_prefill)
+                            max_model_len=longest, chunked_prefill=self.chunked_prefill)
 
 
 def _sync(device: torch.device) -> None:
@@ -56,7 +59,7 @@ def run_system(system: str, requests: list[Request], bench: BatchingBench, model
     if system.startswith("workbench/"):
         run = (run_static(model, requests, bench.batch_size, SamplingParams(), progress=progress)
                if system == "workbench/static" else
-               run_continuous(model, requests, bench.engine_config(), progress=progress))
+               run_continuous(model, requests, bench.engine_config(requests), progress=progress))
         return run.traces, run.seconds, run.utilization
     from workbench.baselines.hf import hf_continuous, hf_static
 

@@ -35,6 +35,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-num-seqs", type=int, default=32)
     b.add_argument("--max-num-batched-tokens", type=int, default=2048)
     b.add_argument("--chunked-prefill", action="store_true")
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own choice)")
     b.add_argument("--json", required=True, type=Path, help="where to write the results")
     b.add_argument("--no-progress", action="store_true")
 
@@ -46,6 +48,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     from workbench.workloads import anyscale, make_requests, workload
 
     device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise WorkbenchError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     systems = tuple(args.systems.split(",")) if args.systems else SYSTEMS
     bench = BatchingBench(systems=systems, batch_size=args.batch_size,

@@ -104,17 +104,20 @@ class ContinuousEngine:
             if start + n == len(seq.tokens):  # all its tokens cached after this step
                 logit_columns.append(len(ids) - 1)
                 emitting.append(seq)
-        device = self.model.device
-        layout = PackedLayout(
-            slots=[s.slot for s, _ in scheduled], query_lens=[n for _, n in scheduled],
-            context_lens=[s.num_cached + n for s, n in scheduled],
-            num_decodes=sum(not s.prefilling for s, _ in scheduled),
-            slot_mapping=torch.tensor(slot_mapping, device=device))
-        batch = ForwardBatch(input_ids=torch.tensor([ids], device=device),  # [1, N]
-                             positions=torch.tensor([positions], device=device),  # [1, N]
-                             layout=layout,
-                             logits_indices=torch.tensor(logit_columns, dtype=torch.long,
-                                                         device=device))
+        slots = [s.slot for s, _ in scheduled]
+        context_lens = [s.num_cached + n for s, n in scheduled]
+        # one host-to-device copy per step, split on the device (each copy from pageable
+        # memory makes the host wait for the GPU queue, so per-layer copies would serialise)
+        sizes = [len(ids), len(ids), len(ids), len(logit_columns), len(slots), len(slots)]
+        flat = torch.tensor(ids + positions + slot_mapping + logit_columns + slots + context_lens,
+                            device=self.model.device)
+        ids_t, pos_t, slot_map_t, logit_t, slots_t, ctx_t = flat.split(sizes)
+        layout = PackedLayout(slots=slots, query_lens=[n for _, n in scheduled],
+                              context_lens=context_lens,
+                              num_decodes=sum(not s.prefilling for s, _ in scheduled),
+                              slot_mapping=slot_map_t, slots_t=slots_t, context_lens_t=ctx_t)
+        batch = ForwardBatch(input_ids=ids_t[None], positions=pos_t[None],  # [1, N] each
+                             layout=layout, logits_indices=logit_t)
         return batch, emitting
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:

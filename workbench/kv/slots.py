@@ -70,12 +70,15 @@ class SlotKVCache(KVCache):
         """
         nd = q.shape[1]
         longest = max(lay.context_lens[:nd])
-        slots = torch.tensor(lay.slots[:nd], device=q.device)
-        lens = torch.ones(self.num_slots, dtype=torch.long, device=q.device)
-        lens[slots] = torch.tensor(lay.context_lens[:nd], device=q.device)
+        if "decode_mask" not in lay.scratch:  # the same for every layer of this step
+            slots = lay.slots_t[:nd]
+            lens = torch.ones(self.num_slots, dtype=torch.long, device=q.device)
+            lens[slots] = lay.context_lens_t[:nd]
+            lay.scratch["decode_mask"] = (torch.arange(longest, device=q.device)
+                                          < lens[:, None])[:, None, None]  # [slots, 1, 1, S]
+        slots, mask = lay.slots_t[:nd], lay.scratch["decode_mask"]
         q_all = q.new_zeros(self.num_slots, q.shape[0], 1, q.shape[2])  # [slots, H, 1, d]
         q_all[slots] = q.transpose(0, 1)[:, :, None]  # [nd, H, 1, d]
-        mask = (torch.arange(longest, device=q.device) < lens[:, None])[:, None, None]
         out = sdpa(q_all, k_cache[:, :, :longest], v_cache[:, :, :longest], mask)
         return out[slots, :, 0].transpose(0, 1)[None]  # [1, H, nd, d]
 

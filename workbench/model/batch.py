@@ -27,6 +27,9 @@ class PackedLayout:
     context_lens: list[int]
     num_decodes: int
     slot_mapping: torch.Tensor = field(repr=False)  # [N] the KV slot of each new token
+    slots_t: torch.Tensor = field(repr=False)  # [M] ``slots`` on the device
+    context_lens_t: torch.Tensor = field(repr=False)  # [M] ``context_lens`` on the device
+    scratch: dict = field(default_factory=dict, repr=False)  # per-step values layers share
 
 
 @dataclass
