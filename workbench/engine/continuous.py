@@ -42,6 +42,7 @@ class ContinuousEngine:
         self.scheduler = Scheduler(config)
         self.sequences: dict[int, Sequence] = {}
         self.timeline: list[list[int | None]] = []
+        self.num_finished = 0  # requests done for any reason (progress bars read it)
 
     def add_request(self, request: Request, now: float = 0.0) -> RequestTrace:
         """Queue a request; one that can never run is rejected here, alone."""
@@ -51,15 +52,19 @@ class ContinuousEngine:
         seq = Sequence(request, trace, self.sampling.generator(request.id),
                        tokens=list(request.prompt_ids))
         self.sequences[request.id] = seq
+        too_long = (not self.config.chunked_prefill
+                    and seq.prompt_len > self.config.max_num_batched_tokens)
         if reject_if_invalid(self.model.config, request, trace, self.max_len, now):
-            return trace
-        if not self.config.chunked_prefill and seq.prompt_len > self.config.max_num_batched_tokens:
+            self.num_finished += 1
+        elif too_long:
             trace.finish_reason, trace.finish_s = "rejected", now
             trace.error = (f"request {request.id}: prompt of {seq.prompt_len} tokens exceeds "
                            f"max_num_batched_tokens ({self.config.max_num_batched_tokens}) and "
                            "chunked prefill is off")
+            self.num_finished += 1
         elif request.max_new_tokens == 0:
             trace.finish_reason, trace.finish_s = "length", now
+            self.num_finished += 1
         else:
             self.scheduler.add(seq)
         return trace
@@ -132,6 +137,7 @@ class ContinuousEngine:
     def _finish(self, seq: Sequence, reason: str, now: float) -> None:
         seq.trace.finish_reason, seq.trace.finish_s = reason, now
         self.scheduler.finish(seq)
+        self.num_finished += 1
 
 
 def run_continuous(model: LlamaModel, requests: list[Request],
@@ -155,8 +161,7 @@ def run_continuous(model: LlamaModel, requests: list[Request],
                 clock.wait_until(pending[0].arrival_s)  # idle until the next arrival
             continue
         engine.step(clock)
-        bar.n = sum(t.finish_reason is not None for t in traces.values())
-        bar.refresh()
+        bar.update(engine.num_finished - bar.n)
     bar.close()
     return EngineRun(traces=[traces[r.id] for r in requests], timeline=engine.timeline,
                      seconds=clock.now())
