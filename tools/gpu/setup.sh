@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Source this on the GPU machine (repository root) before running notebooks there:
+#   source tools/gpu/setup.sh
+# The GPU machine has torch and transformers but no papermill/ipykernel and no network, so the
+# wheels travel in .wheels/ (built here with `pip download --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .wheels papermill ipykernel ipywidgets`).
+set -e
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python -c "import papermill, ipykernel" 2>/dev/null; then
+    pip --python "$(which python)" install -q --no-index --find-links .wheels papermill ipykernel ipywidgets
+    python -m ipykernel install --sys-prefix --name python3 >/dev/null
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+set +e
