@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
 )
 
 from tests.helpers import BUNDLED_DIR, torch_threads  # noqa: E402
-from workbench.engine import generate_static  # noqa: E402
+from workbench.engine import EngineConfig, Request, generate_static, run_continuous  # noqa: E402
 from workbench.model import ForwardBatch, LlamaModel, load_model, load_tokenizer  # noqa: E402
 from workbench.model.loading import save_checkpoint  # noqa: E402
 from workbench.model.rope import inverse_frequencies  # noqa: E402
@@ -227,6 +227,22 @@ def test_greedy_generation_matches_hf(case: Case, batch_size: int) -> None:
     for out, exp in zip(run.outputs, expected):
         reason = "eos" if exp and exp[-1] == case.eos else "length"
         assert out.finish_reason == reason
+
+
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_continuous_engine_matches_hf(case: Case, kv: str) -> None:
+    """Continuous batching over either KV storage; the paged pool is small enough that
+    sequences get preempted and recomputed, and prompts share a prefix (prefix cache)."""
+    head = case.prompts[2][:8]
+    prompts = case.prompts + [head + p for p in case.prompts[:2]]
+    requests = [Request(tuple(p), MAX_NEW, id=i) for i, p in enumerate(prompts)]
+    paged = dict(kv="paged", block_size=4, num_blocks=9, prefix_caching=True) if kv == "paged" \
+        else {}
+    config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, chunked_prefill=True, **paged)
+    run = run_continuous(case.ours, requests, config)
+    expected = case.hf_greedy() + [hf_generate(case.hf, p, MAX_NEW, case.eos)
+                                   for p in prompts[len(case.prompts):]]
+    assert [t.output_ids for t in run.traces] == expected
 
 
 # --------------------------------------------------------------------------- (c) bundled model

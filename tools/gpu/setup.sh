@@ -4,11 +4,11 @@
 # The GPU machine has torch and transformers but no papermill/ipykernel and no network, so the
 # wheels travel in .wheels/ (built here with `pip download --only-binary=:all: --python-version 3.12
 # --platform manylinux2014_x86_64 -d .wheels papermill ipykernel ipywidgets`).
-set -e
+# It leaves the caller's shell options (set -e...) as they were.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python -c "import papermill, ipykernel" 2>/dev/null; then
-    pip --python "$(which python)" install -q --no-index --find-links .wheels papermill ipykernel ipywidgets
-    python -m ipykernel install --sys-prefix --name python3 >/dev/null
+    pip --python "$(which python)" install -q --no-index --find-links .wheels \
+        papermill ipykernel ipywidgets || return 1
+    python -m ipykernel install --sys-prefix --name python3 >/dev/null || return 1
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-set +e
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"

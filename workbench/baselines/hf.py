@@ -296,3 +296,28 @@ def _cb_trace(r: Request, out, t0: float, eos: set[int]) -> RequestTrace:
     if getattr(out, "error", None) is not None:
         trace.finish_reason, trace.error = "rejected", str(out.error)
     return trace
+
+
+@torch.inference_mode()
+def hf_generate_timed(hf_model, prompt_ids: tuple[int, ...] | list[int], new_tokens: int,
+                      device: torch.device | str | None = None) -> float:
+    """Batch-1 decode speed of ``generate`` (tok/s): ``new_tokens`` minus one token, over the
+    time between the first and the last generated token (a streamer stamps each)."""
+    device = torch.device(device or next(hf_model.parameters()).device)
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    stamps: list[float] = []
+
+    class _Stamp:
+        def put(self, value: torch.Tensor) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, streamer=_Stamp(),
+                      pad_token_id=0)
+    # the streamer's first put() is the prompt, then one per generated token
+    return (len(stamps) - 2) / (stamps[-1] - stamps[1])

@@ -22,16 +22,53 @@ from workbench.engine.requests import Request, RequestTrace
 from workbench.errors import WorkbenchError
 
 
+KV_LAYOUTS = ("contiguous", "paged")
+PREEMPTION_MODES = ("recompute", "swap")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits of the continuous-batching engine (names as in vLLM)."""
+    """Limits of the continuous-batching engine (names as in vLLM).
 
-    max_num_seqs: int = 16  # sequences running at once = KV slots
+    ``kv="contiguous"`` reserves ``max_model_len`` tokens of KV memory per running sequence (one
+    slot each); ``kv="paged"`` hands out ``block_size``-token blocks from a pool of ``num_blocks``
+    as sequences grow (None: enough for ``max_num_seqs`` full-length sequences), preempting by
+    ``preemption`` when the pool runs dry (``swap`` keeps up to ``num_cpu_blocks`` blocks in CPU
+    memory), optionally sharing prompt blocks through the prefix cache. ``cuda_graphs`` replays
+    decode steps from captured CUDA graphs (GPU, paged only), ``compile`` with fused weights and
+    ``torch.compile``'d elementwise work inside them (:mod:`workbench.engine.fastpath`).
+    """
+
+    max_num_seqs: int = 16  # sequences running at once (= KV slots when contiguous)
     max_num_batched_tokens: int = 512  # tokens in one forward pass (prefill chunks + decodes)
     max_model_len: int | None = None  # KV room per sequence; None = the model's context
     chunked_prefill: bool = False  # split long prompts over several steps
+    kv: str = "contiguous"  # "contiguous" | "paged"
+    block_size: int = 16  # tokens per KV block (paged)
+    num_blocks: int | None = None  # blocks in the device pool (paged)
+    preemption: str = "recompute"  # "recompute" | "swap" (paged)
+    num_cpu_blocks: int = 0  # CPU blocks for swapping (paged)
+    prefix_caching: bool = False  # share full prompt blocks between requests (paged)
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (paged, GPU)
+    compile: bool = False  # inside the graphs: fused weights, torch.compile'd glue
 
     def __post_init__(self) -> None:
+        if self.kv not in KV_LAYOUTS:
+            raise WorkbenchError(f"kv must be one of {', '.join(KV_LAYOUTS)}, got {self.kv!r}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise WorkbenchError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, "
+                                 f"got {self.preemption!r}")
+        for name in ("block_size", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise WorkbenchError(f"{name} must be >= 1, got {value}")
+        if self.num_cpu_blocks < 0:
+            raise WorkbenchError(f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
+        if self.kv == "contiguous" and (self.prefix_caching or self.cuda_graphs
+                                        or self.num_blocks is not None):
+            raise WorkbenchError("prefix_caching, cuda_graphs and num_blocks need kv='paged'")
+        if self.compile and not self.cuda_graphs:
+            raise WorkbenchError("compile is the fast path inside CUDA graphs: set cuda_graphs")
         if self.max_num_seqs < 1:
             raise WorkbenchError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -44,14 +81,18 @@ class EngineConfig:
 
 @dataclass(eq=False)
 class Sequence:
-    """A request while the engine serves it: its tokens so far and its KV slot."""
+    """A request while the engine serves it: its tokens so far and where its KV lives."""
 
     request: Request
     trace: RequestTrace
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)  # prompt, then generated tokens
-    slot: int | None = None
-    num_cached: int = 0  # leading tokens whose keys/values are in the slot
+    slot: int | None = None  # KV slot (contiguous) or timeline lane (paged)
+    num_cached: int = 0  # leading tokens whose keys/values are stored
+    block_table: list[int] = field(default_factory=list)  # paged: its blocks in token order
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache names of full blocks
+    cpu_blocks: list[int] = field(default_factory=list)  # paged: where it is while swapped out
+    num_preemptions: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -59,7 +100,26 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_cached < self.prompt_len
+        """More than the newest token still to compute: a prompt, or a recompute after
+        preemption (a decoding sequence has all but its newest token cached)."""
+        return self.num_cached < len(self.tokens) - 1 or not self.trace.output_ids
+
+
+@dataclass
+class Step:
+    """What the scheduler picked for one step, and the KV blocks to move before it runs."""
+
+    decodes: list[Sequence] = field(default_factory=list)  # one new token each
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, CPU block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU block, device block)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def scheduled(self) -> list[tuple[Sequence, int]]:
+        """(sequence, new tokens) pairs in packing order: decodes first, then prefills."""
+        return [(s, 1) for s in self.decodes] + self.prefills
 
 
 class Scheduler:
@@ -77,10 +137,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, new tokens this step) pairs: decodes first, then prefill chunks."""
+    def schedule(self) -> Step:
+        """This step's decodes of running sequences, then prefill chunks."""
         budget = self.config.max_num_batched_tokens
-        decodes = [(s, 1) for s in self.running if not s.prefilling]
+        decodes = [s for s in self.running if not s.prefilling]
         budget -= len(decodes)
         prefills = []
         for seq in self.running:  # chunked prefills already under way
@@ -98,7 +158,7 @@ class Scheduler:
             n = min(seq.prompt_len, budget)
             prefills.append((seq, n))
             budget -= n
-        return decodes + prefills
+        return Step(decodes, prefills)
 
     def finish(self, seq: Sequence) -> None:
         """Take a sequence out (finished or cancelled) and free its slot for the next request."""

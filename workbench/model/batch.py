@@ -20,6 +20,10 @@ class PackedLayout:
     Sequences come decodes first (one new token each), then prefill chunks. Sequence i owns KV
     slot ``slots[i]``, brings ``query_lens[i]`` new tokens and, after this step, holds
     ``context_lens[i]`` tokens in its slot. Python lists, so no step ever waits on the device.
+
+    With paged storage (notebook 03) ``slot_mapping`` holds each token's slot in the block pool
+    (``block * block_size + offset``), ``block_tables`` each sequence's blocks and
+    ``decode_blocks`` how many table columns the batched decode attention reads.
     """
 
     slots: list[int]
@@ -29,6 +33,8 @@ class PackedLayout:
     slot_mapping: torch.Tensor = field(repr=False)  # [N] the KV slot of each new token
     slots_t: torch.Tensor = field(repr=False)  # [M] ``slots`` on the device
     context_lens_t: torch.Tensor = field(repr=False)  # [M] ``context_lens`` on the device
+    block_tables: torch.Tensor | None = field(default=None, repr=False)  # [M, blocks] (paged)
+    decode_blocks: int = 0  # table columns the decodes attend over (paged)
     scratch: dict = field(default_factory=dict, repr=False)  # per-step values layers share
 
 

@@ -1,0 +1,77 @@
+"""The GPU fast path (CUDA graphs over paged storage) gives the eager path's tokens.
+
+Skipped without CUDA (CI has none); run on a GPU machine by tools/gpu/paged.sh.
+"""
+
+import pytest
+import torch
+
+from workbench.engine import ContinuousEngine, EngineConfig, Request, run_continuous, run_static
+from workbench.model.loading import load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("bundled", "cuda", torch.float32)
+
+
+def requests(n, seed=0, new=24):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (n,), generator=g).tolist()
+    return [Request(tuple(torch.randint(1, 8000, (k,), generator=g).tolist()), new,
+                    ignore_eos=True, id=i) for i, k in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("num_blocks", [None, 24])  # roomy, and tight enough to preempt
+def test_cuda_graphs_match_eager_and_alone(model, num_blocks, compile):
+    reqs = requests(11)
+    config = EngineConfig(8, 256, max_model_len=64, chunked_prefill=True, kv="paged",
+                          block_size=4, num_blocks=num_blocks, cuda_graphs=True, compile=compile)
+    engine = ContinuousEngine(model, config, check_blocks=True)
+    fast = run_continuous(model, reqs, config, engine=engine)
+    eager = run_continuous(model, reqs, EngineConfig(8, 256, max_model_len=64,
+                                                     chunked_prefill=True))
+    alone = [run_static(model, [r], 1).traces[0].output_ids for r in reqs]
+    assert [t.output_ids for t in fast.traces] == [t.output_ids for t in eager.traces] == alone
+    assert engine.graphs is not None and engine.graphs.graphs  # the graphs really ran
+    assert engine.scheduler.blocks.num_free == engine.num_blocks
+    if num_blocks:
+        assert engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_graphs_agree_with_eager(model, compile):
+    bf16 = load_model("bundled", "cuda", torch.bfloat16)
+    reqs = requests(16, seed=1, new=16)
+    base = dict(max_model_len=64, chunked_prefill=True, kv="paged", block_size=16)
+    fast = run_continuous(bf16, reqs, EngineConfig(16, 512, cuda_graphs=True, compile=compile,
+                                                   **base))
+    eager = run_continuous(bf16, reqs, EngineConfig(16, 512, **base))
+    same = sum(a.output_ids == b.output_ids for a, b in zip(fast.traces, eager.traces))
+    assert same >= 12, f"only {same}/16 bf16 outputs identical between graphs and eager"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,D,bs,nb", [(1, 32, 8, 64, 16, 16), (5, 4, 2, 16, 16, 3),
+                                             (33, 8, 1, 128, 16, 9), (3, 6, 6, 32, 8, 40)])
+def test_triton_paged_decode_matches_gather(B, H, Hkv, D, bs, nb, dtype):
+    from workbench.engine.fastpath import gather_attention
+    from workbench.kv.paged_triton import paged_decode
+
+    g = torch.Generator(device="cuda").manual_seed(B)
+    blocks = B * nb + 3
+    k_pool = torch.randn(blocks, bs, Hkv, D, device="cuda", generator=g).to(dtype)
+    v_pool = torch.randn(blocks, bs, Hkv, D, device="cuda", generator=g).to(dtype)
+    tables = torch.randperm(blocks, device="cuda", generator=g)[:B * nb].view(B, nb)
+    lens = torch.randint(1, nb * bs + 1, (B,), device="cuda", generator=g)
+    q = torch.randn(B, H, D, device="cuda", generator=g).to(dtype)
+    keep = torch.arange(nb * bs, device="cuda") < lens[:, None]
+    mask = torch.zeros(keep.shape, dtype=dtype, device="cuda").masked_fill(
+        ~keep, float("-inf"))[:, None, None]
+    expected = gather_attention(q, k_pool, v_pool, tables, mask)
+    got = paged_decode(q, k_pool, v_pool, tables, lens)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)

@@ -1,0 +1,131 @@
+"""GPU time of one decode step, per implementation, batch and context (CUDA graphs, CUDA events).
+
+    python tools/profile_decode.py --model preset:llama-3.2-1b --json out.json
+
+Variants: the model's plain forward over paged storage (gather + SDPA), the fused step
+(workbench.engine.fastpath) compiled with gather attention, with the Triton paged kernel, and the
+Triton kernel without torch.compile. Each is captured in a CUDA graph per shape and replayed;
+the median replay time is set against the bandwidth floor (weights + KV bytes read per step).
+A torch.profiler table of the fastest variant at batch 1 says where the rest goes.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from workbench.engine.fastpath import FusedDecoder
+from workbench.hardware import detect, measure_roofline
+from workbench.kv.paged import PagedKVCache, kv_bytes_per_token
+from workbench.model.batch import ForwardBatch, PackedLayout
+from workbench.model.loading import load_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="preset:llama-3.2-1b")
+parser.add_argument("--batches", default="1,2,8,32,128,256")
+parser.add_argument("--contexts", default="128,512")
+parser.add_argument("--block-size", type=int, default=16)
+parser.add_argument("--json", required=True)
+args = parser.parse_args()
+
+device = torch.device("cuda")
+model = load_model(args.model, device, torch.bfloat16)
+batches = [int(b) for b in args.batches.split(",")]
+contexts = [int(c) for c in args.contexts.split(",")]
+bs = args.block_size
+max_blocks = max(contexts) // bs
+kv = PagedKVCache(model.config, max(batches) * max_blocks + 1, bs, device, torch.bfloat16)
+for pool in kv.k + kv.v:
+    pool.normal_(0, 0.5)
+roof = measure_roofline(device)
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+per_token = kv_bytes_per_token(model.config, torch.bfloat16)
+
+variants = {
+    "plain": None,
+    "fused-compiled-gather": FusedDecoder(model, kv, compile=True, attention="gather"),  # SDPA eager
+    "fused-compiled-triton": FusedDecoder(model, kv, compile=True, attention="triton"),
+    "fused-eager-triton": FusedDecoder(model, kv, compile=False, attention="triton"),
+}
+
+
+def inputs(b: int, ctx: int):
+    nb = ctx // bs
+    tables = torch.arange(b * nb, device=device).view(b, nb)
+    lens = torch.full((b,), ctx, device=device)
+    pos = lens - 1
+    slots = tables[:, -1] * bs + (ctx - 1) % bs
+    ids = torch.randint(0, model.config.vocab_size, (b,), device=device)
+    return ids, pos, slots, tables, lens
+
+
+def step_fn(name: str, b: int, ctx: int):
+    ids, pos, slots, tables, lens = inputs(b, ctx)
+    fused = variants[name]
+    if fused is not None:
+        return lambda: fused(ids, pos, slots, tables, lens)
+    layout = PackedLayout(slots=list(range(b)), query_lens=[1] * b, context_lens=[ctx] * b,
+                          num_decodes=b, slot_mapping=slots, slots_t=slots, context_lens_t=lens,
+                          block_tables=tables, decode_blocks=tables.shape[1])
+    batch = ForwardBatch(input_ids=ids[None], positions=pos[None], layout=layout)
+    return lambda: model(batch, kv)
+
+
+@torch.inference_mode()
+def graph_ms(fn, replays: int = 30) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+rows = []
+for ctx in contexts:
+    for b in batches:
+        floor_ms = (weights + b * ctx * per_token) / roof.bandwidth * 1e3
+        for name in variants:
+            try:
+                ms = graph_ms(step_fn(name, b, ctx))
+            except Exception as err:  # noqa: BLE001 - report and go on with the others
+                print(f"{name} b={b} ctx={ctx}: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            rows.append({"variant": name, "batch": b, "context": ctx, "step_ms": ms,
+                         "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms,
+                         "tok_s": b / ms * 1e3})
+            print(f"ctx {ctx:4d} b {b:3d} {name:<24} {ms:7.3f} ms  floor {floor_ms:6.3f} ms "
+                  f"({floor_ms / ms:5.1%})  {b / ms * 1e3:9.0f} tok/s", flush=True)
+
+best = "fused-compiled-triton"
+with torch.inference_mode():
+    fn = step_fn(best, 1, 256)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+print(table)
+report = {"hardware": detect(device).stamp(), "model": args.model, "dtype": "bfloat16",
+          "bandwidth_GB_s": roof.bandwidth / 1e9, "weight_bytes": weights,
+          "kv_bytes_per_token": per_token, "rows": rows, "profile_batch1": table}
+with open(args.json, "w") as f:
+    json.dump(report, f, indent=1, default=str)

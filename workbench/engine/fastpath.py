@@ -1,0 +1,144 @@
+"""A decode step with fewer, larger kernels: the GPU fast path under CUDA graphs (notebook 03).
+
+Inside a CUDA graph the launch cost is gone, but each kernel still costs a few microseconds even
+when it moves a few kilobytes; the model's plain forward runs about 40 kernels per layer
+(RMSNorm alone is six elementwise ops), which at batch 1 takes longer than reading the weights.
+This step computes the same function with:
+
+- **fused weights**: q, k and v projections as one matrix ``[(H + 2 Hkv) d, hidden]``, gate and up
+  as one ``[2 I, hidden]`` (one GEMM each instead of three and two);
+- **compiled glue**: the residual add + RMSNorm, RoPE and SiLU x up are compiled by
+  ``torch.compile`` (Inductor) into a few Triton kernels per layer; matrix products stay cuBLAS;
+- **paged attention in place**: a Triton kernel reads the blocks through the block tables
+  (:mod:`workbench.kv.paged_triton`); without Triton, the blocks are gathered and SDPA runs.
+
+It reads the same paged pools and block tables as :class:`~workbench.kv.paged.PagedKVCache`, and
+its logits agree with the plain forward to float rounding (tests on GPU compare the tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workbench.kv.paged import PagedKVCache
+from workbench.model.llama import LlamaModel
+from workbench.model.rope import rope_cos_sin
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, as :class:`~workbench.model.llama.RMSNorm` computes it."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, d] rotated by cos/sin [b, 1, d] ("rotate half" layout)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attention_in(x, residual, norm_w, w_qkv, b_qkv, cos, sin, eps: float, heads: int,
+                 kv_heads: int, d: int):
+    """residual += x; h = norm(residual); q, k, v = h W_qkv; RoPE.
+    Returns q [b, H, d], k and v [b, Hkv, d] and the residual stream.
+
+    (The write of k and v into the pools stays outside: compiled, an in-place write into an
+    input became a copy of the whole pool - measured at 120 us per layer on an H100.)"""
+    residual = x if residual is None else residual + x
+    h = _rms(residual, norm_w, eps)
+    qkv = F.linear(h, w_qkv, b_qkv)  # [b, (H + 2 Hkv) d]
+    b = qkv.shape[0]
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = _rope(q.view(b, heads, d), cos, sin)  # [b, H, d]
+    k = _rope(k.view(b, kv_heads, d), cos, sin)  # [b, Hkv, d]
+    return q, k, v.reshape(b, kv_heads, d), residual
+
+
+def gather_attention(q, k_pool, v_pool, tables, mask):
+    """The portable decode attention: gather each row's blocks, then SDPA. q [b, H, d] ->
+    [b, H, d]; mask [b, 1, 1, S] additive."""
+    b, H, d = q.shape
+    nb, bs, Hkv = tables.shape[1], k_pool.shape[1], k_pool.shape[2]
+    keys = k_pool[tables].view(b, nb * bs, Hkv, d).transpose(1, 2)  # [b, Hkv, S, d]
+    values = v_pool[tables].view(b, nb * bs, Hkv, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
+                                         enable_gqa=H != Hkv)  # [b, H, 1, d]
+    return out[:, :, 0]
+
+
+def attention_out_mlp(attn, residual, w_o, b_o, norm_w, w_gate_up, b_gate_up, w_down, b_down,
+                      eps: float):
+    """residual += attn W_o; h = norm(residual); mlp = down(silu(gate h) * up h)."""
+    b = attn.shape[0]
+    residual = residual + F.linear(attn.reshape(b, -1), w_o, b_o)  # attn [b, H, d]
+    h = _rms(residual, norm_w, eps)
+    gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
+    return F.linear(F.silu(gate) * up, w_down, b_down), residual
+
+
+class FusedDecoder:
+    """The decode step of ``model`` over paged ``kv`` with fused weights and compiled glue.
+
+    ``attention``: "triton" reads the blocks in place (:mod:`workbench.kv.paged_triton`, GPU),
+    "gather" copies them out first (anywhere); "auto" takes Triton where it is available.
+    """
+
+    def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool = True,
+                 attention: str = "auto") -> None:
+        from workbench.kv import paged_triton
+
+        self.model, self.kv, self.config = model, kv, model.config
+        if attention == "auto":
+            attention = "triton" if paged_triton.available(model.device) else "gather"
+        self.attention = attention
+        self.layers = []
+        for layer in model.layers:
+            a, m = layer.self_attn, layer.mlp
+            cat = (lambda *ps: None if ps[0] is None else torch.cat(ps))  # noqa: E731
+            self.layers.append(dict(
+                norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
+                w_qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                b_qkv=cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                w_o=a.o_proj.weight, b_o=a.o_proj.bias,
+                w_gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                b_gate_up=cat(m.gate_proj.bias, m.up_proj.bias),
+                w_down=m.down_proj.weight, b_down=m.down_proj.bias))
+        options = dict(dynamic=True, fullgraph=True)
+        self.attention_in = torch.compile(attention_in, **options) if compile else attention_in
+        self.attention_out_mlp = (torch.compile(attention_out_mlp, **options) if compile
+                                  else attention_out_mlp)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """Logits [b, vocab] of one decode step: ids/positions/slots/context_lens [b],
+        tables [b, nb] (the blocks each row attends over)."""
+        c, model = self.config, self.model
+        eps, H, Hkv, d = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        x = model.embed_tokens(ids)  # [b, hidden]
+        cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], x.dtype)  # [b, 1, d] each
+        mask = None
+        if self.attention == "gather":
+            S = tables.shape[1] * self.kv.block_size
+            keep = torch.arange(S, device=ids.device) < context_lens[:, None]  # [b, S]
+            mask = torch.zeros(keep.shape, dtype=x.dtype, device=ids.device).masked_fill(
+                ~keep, float("-inf"))[:, None, None]  # [b, 1, 1, S] additive, once per step
+        residual = None
+        for i, w in enumerate(self.layers):
+            k_pool, v_pool = self.kv.k[i], self.kv.v[i]
+            q, k, v, residual = self.attention_in(x, residual, w["norm1"], w["w_qkv"],
+                                                  w["b_qkv"], cos, sin, eps, H, Hkv, d)
+            if self.attention == "triton":  # write this step's k/v, attend, in place
+                from workbench.kv.paged_triton import paged_decode, write_kv
+
+                write_kv(k_pool, v_pool, k, v, slots)
+                attn = paged_decode(q, k_pool, v_pool, tables, context_lens)  # [b, H, d]
+            else:
+                k_pool.view(-1, Hkv, d)[slots] = k
+                v_pool.view(-1, Hkv, d)[slots] = v
+                attn = gather_attention(q, k_pool, v_pool, tables, mask)  # [b, H, d]
+            x, residual = self.attention_out_mlp(
+                attn, residual, w["w_o"], w["b_o"], w["norm2"], w["w_gate_up"], w["b_gate_up"],
+                w["w_down"], w["b_down"], eps)
+        return model.lm_head(model.norm(residual + x))  # [b, vocab]
