@@ -1,0 +1,130 @@
+"""Model parallelism in one process: the plan (grid, shards, stages), the illustrations, the
+bubble arithmetic, the figures, and the CLI's parallel flags (one small spawn)."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+import pytest
+import torch
+
+from tests.helpers import tiny_config, torch_threads
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.model.batch import ForwardBatch
+from workbench.model.loading import load_model
+from workbench.model.presets import preset_config
+from workbench.parallel import ParallelConfig, balanced_stages, shard_config
+from workbench.parallel.illustrate import pipeline_stages, split_matmul, tensor_parallel_layer
+from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble, split_rows
+
+matplotlib.use("Agg")
+
+
+def test_parallel_config_and_shard_shapes():
+    with pytest.raises(WorkbenchError, match="tp must be"):
+        ParallelConfig(tp=0)
+    assert ParallelConfig(tp=2, pp=3).world_size == 6
+    local = shard_config(preset_config("llama-3.1-8b"), 4)
+    assert (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size) == (8, 2, 3584)
+    with pytest.raises(WorkbenchError, match=r"num_key_value_heads \(2\) divisible by 4"):
+        shard_config(tiny_config(num_attention_heads=8, num_key_value_heads=2), 4)
+    with pytest.raises(WorkbenchError, match="num_attention_heads"):
+        shard_config(tiny_config(), 3)
+
+
+@pytest.mark.parametrize("layers, pp", [(6, 2), (5, 4), (32, 4), (4, 4), (7, 3)])
+def test_balanced_stages_cover_every_layer_once(layers, pp):
+    config = tiny_config(num_hidden_layers=layers, vocab_size=512)
+    stages = balanced_stages(config, pp)
+    assert len(stages) == pp and all(len(s) >= 1 for s in stages)
+    assert [i for s in stages for i in s] == list(range(layers))
+
+
+def test_balanced_stages_give_the_head_stage_fewer_layers():
+    stages = balanced_stages(preset_config("llama-3.1-8b"), 4)
+    assert [len(s) for s in stages] in ([9, 9, 8, 6], [8, 9, 9, 6], [9, 8, 9, 6])
+    with pytest.raises(WorkbenchError, match="at least 5 layers"):
+        balanced_stages(tiny_config(num_hidden_layers=4), 5)
+
+
+@pytest.mark.parametrize("how", ["columns", "rows"])
+def test_split_matmul_equals_the_product(how):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 8, generator=g), torch.randn(8, 12, generator=g)
+    for n in (2, 4):
+        split = split_matmul(a, b, n, how)
+        assert len(split.partials) == n and split.max_error < 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    with torch_threads(1):
+        yield load_model("bundled")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_layer_sums_to_the_layer(bundled, tp):
+    ids = torch.randint(1, 8000, (2, 7), generator=torch.Generator().manual_seed(tp))
+    with torch_threads(1):
+        out = tensor_parallel_layer(bundled, ids, layer=tp, tp=tp)
+    assert out["max_error"] < 1e-4 and out["attention_error"] < 1e-4
+    assert out["kv_heads_per_rank"] == 4 // tp and len(out["mlp_partials"]) == tp
+
+
+@pytest.mark.parametrize("pp", [2, 3, 6])
+def test_pipeline_stages_hand_over_to_the_same_logits(bundled, pp):
+    ids = torch.randint(1, 8000, (2, 5), generator=torch.Generator().manual_seed(pp))
+    with torch_threads(1):
+        out = pipeline_stages(bundled, ids, pp)
+    assert out["max_error"] < 1e-5 and len(out["handoffs"]) == pp - 1
+
+
+@pytest.mark.parametrize("p, m", [(2, 1), (2, 4), (4, 8), (3, 3)])
+def test_ideal_fill_drain_has_the_formula_bubble(p, m):
+    """Equal stages, one slot each per micro-batch: the measure reproduces (p-1)/(m+p-1)."""
+    events = [StageEvent(s, 0, j, float(s + j), float(s + j + 1)) for s in range(p) for j in range(m)]
+    assert measured_bubble(events, p) == pytest.approx(bubble_formula(p, m))
+
+
+def test_split_rows_into_micro_batches():
+    batch = ForwardBatch.prefill(torch.arange(21).view(7, 3))
+    parts = split_rows(batch, 3)
+    assert [rows.stop - rows.start for rows, _ in parts] == [2, 3, 2]
+    assert torch.equal(torch.cat([mb.input_ids for _, mb in parts]), batch.input_ids)
+    assert len(split_rows(batch, 1)) == 1 and len(split_rows(batch, 10)) == 7
+
+
+def test_figures_draw():
+    from workbench.viz.parallel import (plot_bubble, plot_matrix_split, plot_pipeline_timeline,
+                                        plot_stages, plot_step_times)
+
+    a, b = torch.ones(4, 6), torch.ones(6, 8)
+    for how in ("columns", "rows"):
+        plot_matrix_split(split_matmul(a, b, 2, how))
+    plot_stages([range(0, 4), range(4, 6)], [{"from": 0, "to": 1, "bytes": 4096}])
+    events = [StageEvent(s, 0, j, s + j, s + j + 1.0) for s in range(2) for j in range(3)]
+    ax = plot_pipeline_timeline(events, 2, 3, step=0)
+    assert "0.25" in ax.get_title()  # (2-1)/(3+2-1)
+    plot_bubble([{"p": 2, "m": 1, "measured": 0.5}, {"p": 2, "m": 4, "measured": 0.25}])
+    plot_step_times([{"label": "TP1", "step_ms": 2.0, "floor_ms": 1.0}])
+
+
+def test_cli_parallel_flags(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def f(x):"}\n{"prompt_ids": [5, 6, 7], "max_new_tokens": 3}\n')
+    assert main(["generate", "--prompts", str(prompts), "--output", str(tmp_path / "x"),
+                 "--tp", "0"]) == 2
+    assert "--tp must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "--prompts", str(prompts), "--output", str(tmp_path / "x"),
+                 "--tp", "3"]) == 2
+    assert "divisible by 3" in capsys.readouterr().err
+    out1, out2 = tmp_path / "one.jsonl", tmp_path / "pp.jsonl"
+    common = ["generate", "--prompts", str(prompts), "--max-new-tokens", "6", "--no-progress",
+              "--device", "cpu"]
+    with torch_threads(1):
+        assert main([*common, "--output", str(out1)]) == 0
+    assert main([*common, "--output", str(out2), "--tp", "2", "--micro-batches", "2"]) == 0
+    one = [json.loads(x)["output_ids"] for x in out1.read_text().splitlines()]
+    assert [json.loads(x)["output_ids"] for x in out2.read_text().splitlines()] == one

@@ -1,0 +1,55 @@
+"""The launcher: a rank that dies, raises or hangs ends the job with a clear error within the
+timeout, and no rank process is left behind. (Results by rank: tests/test_parallel_generate.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from workbench.errors import WorkbenchError
+from workbench.parallel.launch import free_port, launch
+
+
+def _one_rank_dies(ctx, pid_dir: str, action: str):
+    Path(pid_dir, f"{ctx.rank}.pid").write_text(str(os.getpid()))
+    dist.barrier()
+    if ctx.rank == 1:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # dies without a word, mid-job
+        if action == "hang":
+            time.sleep(600)  # never joins the next collective
+        raise ValueError("bad shard")
+    dist.all_reduce(torch.ones(1))  # the others wait for rank 1 here
+    return ctx.rank
+
+
+def _assert_gone(pid_dir: Path, world: int) -> None:
+    pids = [int((pid_dir / f"{r}.pid").read_text()) for r in range(world)]
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # reaped: not even a zombie
+            os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("action, expected", [
+    ("kill", r"rank 1 killed by signal SIGKILL"),
+    ("raise", r"rank 1 failed: ValueError: bad shard"),
+    ("hang", r"rank\(s\) \[1\] stopped answering \(hung\?\); rank [02] failed: .*"),  # their all-reduce times out after 3 s
+])
+def test_a_failing_rank_stops_the_job(tmp_path, action, expected):
+    start = time.monotonic()
+    with pytest.raises(WorkbenchError, match=expected):
+        launch(_one_rank_dies, 3, str(tmp_path), action, timeout_s=60, collective_timeout_s=3)
+    assert time.monotonic() - start < 60
+    _assert_gone(tmp_path, 3)
+
+
+def test_bad_arguments():
+    with pytest.raises(WorkbenchError, match="world_size"):
+        launch(_one_rank_dies, 0)
+    assert 0 < free_port() < 65536

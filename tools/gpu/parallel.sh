@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Tensor and pipeline parallelism on a multi-GPU host (issue 5): benchmarks and notebooks 04-05.
+#
+#   On 4 GPUs (nvidia-h100-x4 or 4 x H200), from the repository root:   OUT=$OUT bash tools/gpu/parallel.sh
+#   CPU smoke test (2 gloo ranks, bundled model):  DEVICE=cpu SMOKE=1 OUT=/tmp/x PYTHON=.venv/bin/python bash tools/gpu/parallel.sh
+#
+# Writes to $OUT (6 files):
+#   bench_tp.json         bench tp: Llama-3.1-8B shape, bf16 random weights, TP 1/2/4, batch 1 and 32,
+#                         decode step vs floor (weight bytes per GPU / measured bandwidth + 2 all-reduces
+#                         per layer at their measured latency), communication share
+#   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
+#   bench_tp_graphs.json  bench tp --cuda-graphs (GPU only; optional: a failure here does not fail the job)
+#   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
+#   parallel.log          everything printed
+# Every job has a timeout (the launcher stops all ranks if one fails or hangs). Target: < 8 min on 4 x H100.
+set -u
+OUT=${OUT:-out/gpu-parallel}
+DEVICE=${DEVICE:-cuda}
+SMOKE=${SMOKE:-0}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/parallel.log") 2>&1
+if [ "$DEVICE" = cuda ]; then
+    source tools/gpu/setup.sh
+    NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+    GPU=$($PY -c "import torch; n = torch.cuda.get_device_name(0); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
+    RANKS=$(( NGPU >= 4 ? 4 : NGPU ))
+    if [ "$RANKS" -lt 2 ]; then echo "need at least 2 GPUs, found $NGPU"; exit 2; fi
+    TAG="${RANKS}x${GPU}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    RANKS=2
+    TAG="cpu"
+fi
+if [ "$SMOKE" = 1 ]; then
+    MODEL=bundled; TP=1,2; PP=1,2; MB=1,2; BS=1,4; PPBS=4; STEPS=4; CTX=16; NBSMOKE=True
+else
+    MODEL=preset:llama-3.1-8b; TP=1,2,4; PP=1,2,4; MB=1,2,4,8; BS=1,32; PPBS=32; STEPS=20; CTX=128; NBSMOKE=False
+    if [ "$RANKS" -lt 4 ]; then TP=1,2; PP=1,2; fi
+fi
+fail=0
+start=$SECONDS
+step() { echo "== $1 ($(( SECONDS - start )) s)"; }
+
+step "bench tp"
+timeout 600 $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
+    --steps $STEPS --device $DEVICE --timeout 500 --json "$OUT/bench_tp.json" || fail=1
+
+step "bench pp"
+timeout 600 $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
+    --context-len $CTX --steps $STEPS --device $DEVICE --timeout 500 --json "$OUT/bench_pp.json" || fail=1
+
+if [ "$DEVICE" = cuda ]; then
+    step "bench tp --cuda-graphs (optional)"
+    timeout 300 $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
+        --steps $STEPS --device $DEVICE --timeout 240 --cuda-graphs --json "$OUT/bench_tp_graphs.json" \
+        || echo "cuda-graph run failed (optional; the eager results stand)"
+fi
+
+for nb in 04_tensor_parallelism 05_pipeline_parallelism; do
+    step "notebook $nb"
+    extra=()
+    if [ "$nb" = 05_pipeline_parallelism ]; then extra=(-p batch_size $PPBS); else extra=(-y "batch_sizes: [${BS}]"); fi
+    timeout 420 $PY -m papermill "notebooks/$nb.ipynb" "$OUT/$nb.$TAG.ipynb" --cwd notebooks -k python3 \
+        -p device $DEVICE -p ranks $RANKS -p timing_model $MODEL -p smoke $NBSMOKE -p timeout_s 360 \
+        "${extra[@]}" --no-progress-bar || fail=1
+done
+step "done, exit $fail"
+exit $fail

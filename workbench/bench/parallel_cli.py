@@ -1,0 +1,125 @@
+"""``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
+
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs]
+    workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8]
+
+One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
+:func:`workbench.parallel.launch`) times every grid in turn, so all rows share one process set and
+one measured bandwidth. See :mod:`workbench.parallel.measure` for the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+from workbench.bench.run import write_report
+from workbench.errors import WorkbenchError
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise WorkbenchError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise WorkbenchError(f"--{name} values must be >= 1, got {text!r}")
+    return values
+
+
+def add_parser(bench_sub) -> None:
+    """Adds both ``tp`` and ``pp`` (the registry lists this module under each name)."""
+    if "tp" in bench_sub.choices:
+        return
+    for name, help_text in (("tp", "tensor parallel decode step vs floor"),
+                            ("pp", "pipeline parallel decode step, bubble vs (p-1)/(m+p-1)")):
+        b = bench_sub.add_parser(name, help=help_text)
+        b.add_argument("--model", default="bundled")
+        if name == "tp":
+            b.add_argument("--tp", default="1,2", help="comma-separated TP sizes")
+            b.add_argument("--cuda-graphs", action="store_true",
+                           help="also replay the decode step from a CUDA graph (GPU)")
+        else:
+            b.add_argument("--pp", default="1,2", help="comma-separated PP sizes")
+            b.add_argument("--micro-batches", default="1,2,4", help="comma-separated m")
+        b.add_argument("--batch-sizes", default="1,8")
+        b.add_argument("--context-len", type=int, default=64)
+        b.add_argument("--steps", type=int, default=16)
+        b.add_argument("--warmup", type=int, default=3)
+        b.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        b.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+        b.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole job")
+        b.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+        b.add_argument("--json", required=True, type=Path, help="where to write the results")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from workbench.hardware import detect, resolve_device
+    from workbench.parallel import ParallelConfig, launch
+    from workbench.parallel.measure import DecodeBench
+
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda"
+                                                      else "float32")
+    if args.context_len < 1 or args.steps < 1 or args.warmup < 0:
+        raise WorkbenchError("--context-len and --steps must be >= 1, --warmup >= 0")
+    batches = _ints(args.batch_sizes, "batch-sizes")
+    if args.bench_name == "tp":
+        grids = tuple(ParallelConfig(tp=t) for t in _ints(args.tp, "tp"))
+    else:
+        ms = _ints(args.micro_batches, "micro-batches")
+        grids = tuple(ParallelConfig(pp=p, micro_batches=m) for p in _ints(args.pp, "pp")
+                      for m in (ms if p > 1 else (1,)))
+    from workbench.parallel.engine import config_of
+    from workbench.parallel.plan import balanced_stages, check_tp
+
+    config = config_of(args.model)
+    for g in grids:  # bad sizes fail here, in one line, before any rank starts
+        check_tp(config, g.tp)
+        balanced_stages(config, g.pp)
+    world = max(g.world_size for g in grids)
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise WorkbenchError(f"{world} ranks need {world} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
+    from workbench.parallel.measure import decode_worker
+
+    bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
+                        dtype, cuda_graphs=getattr(args, "cuda_graphs", False))
+    rows = launch(decode_worker, world, bench, device=device.type, timeout_s=args.timeout,
+                  threads=args.threads)[0]
+    for row in rows:
+        row.pop("events", None)
+    report = {"benchmark": args.bench_name, "hardware": detect(device).stamp() | {
+                  "num_devices_used": world, "backend": "nccl" if device.type == "cuda" else "gloo"},
+              "model": args.model, "dtype": dtype, "date": datetime.date.today().isoformat(),
+              "workload": {"batch_sizes": list(batches), "context_len": args.context_len,
+                           "steps": args.steps, "warmup": args.warmup},
+              "results": rows, "checks": _checks(rows)}
+    write_report(report, args.json)
+    for r in rows:
+        extra = (f"  bubble {r['bubble_measured']:.2f} vs {r['bubble_formula']:.2f}"
+                 if "bubble_measured" in r else "")
+        graph = f"  graph {r['graph_step_ms']:.2f} ms" if "graph_step_ms" in r else ""
+        print(f"{r['system']:<22} B={r['batch']:<3} step {r['step_ms']:8.2f} ms  floor "
+              f"{r['floor_ms']:7.2f} ms  x{r['step_over_floor']:.2f}{extra}{graph}")
+    return report
+
+
+def _checks(rows: list[dict]) -> dict:
+    """The issue's bars, computed from the rows (reported, not enforced)."""
+    out: dict = {}
+    by = {(r["tp"], r["pp"], r["micro_batches"], r["batch"]): r for r in rows}
+    for B in sorted({r["batch"] for r in rows}):
+        base = by.get((1, 1, 1, B))
+        for tp in (2, 4):
+            if base and (tp, 1, 1, B) in by:
+                out[f"tp{tp}_speedup_b{B}"] = base["step_ms"] / by[(tp, 1, 1, B)]["step_ms"]
+    out["max_step_over_floor"] = max(r["step_over_floor"] for r in rows)
+    bubbles = [abs(r["bubble_measured"] - r["bubble_formula"]) for r in rows
+               if "bubble_measured" in r]
+    if bubbles:
+        out["max_bubble_abs_error"] = max(bubbles)
+    return out

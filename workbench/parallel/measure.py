@@ -1,0 +1,222 @@
+"""Decode-step timing on a TP x PP grid, against its floor: ``bench tp``, ``bench pp``, notebooks 04/05.
+
+Every rank runs the same loop (no driver: the inputs are fixed, only the greedy token of each
+row feeds the next step): prefill ``batch`` random prompts of ``context_len`` tokens, then
+``steps`` timed decode steps. The floor of one step is what the hardware allows::
+
+    TP stage:  (weight bytes + KV bytes read per GPU) / bandwidth + 2 x layers x all-reduce latency
+    PP:        (m + p - 1) x the slowest stage's floor for one micro-batch of B/m rows
+
+(a GPipe step runs m + p - 1 slots of time, and every micro-batch re-reads its stage's weights).
+Bandwidth is measured on rank 0's device (:func:`workbench.hardware.measure_bandwidth`), the
+all-reduce latency on the TP group with the message a decode step sends (``B x hidden``).
+With ``cuda_graphs`` (GPU, PP 1) the decode step is also captured in a CUDA graph and replayed at
+a fixed position (each replay rewrites the same KV slot: the same work as a real step), its
+logits checked against the eager step; the graph is released before teardown.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from workbench.kv.contiguous import ContiguousKVCache
+from workbench.model.batch import ForwardBatch
+from workbench.parallel.engine import RankWorker
+from workbench.parallel.launch import DistContext
+from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble, pipeline_forward
+from workbench.parallel.plan import ParallelConfig
+
+__all__ = ["DecodeBench", "decode_worker"]
+
+
+@dataclass(frozen=True)
+class DecodeBench:
+    """Which grids, batch sizes and lengths to time (all ranks get the same description)."""
+
+    model: str
+    grids: tuple[ParallelConfig, ...]
+    batch_sizes: tuple[int, ...] = (1, 32)
+    context_len: int = 64
+    steps: int = 16
+    warmup: int = 3
+    dtype: str = "bfloat16"
+    timeline: bool = True  # PP: a second run records stage events for the bubble
+    cuda_graphs: bool = False
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class _Decoder:
+    """One rank's decode loop over a fresh KV cache."""
+
+    def __init__(self, worker: RankWorker, batch: int, bench: DecodeBench) -> None:
+        self.w, self.B, self.bench = worker, batch, bench
+        self.dev, mesh = worker.ctx.device, worker.mesh
+        total = bench.context_len + bench.warmup + bench.steps + 2
+        self.kv = ContiguousKVCache(worker.local, batch, total, self.dev, worker.dtype,
+                                    layers=mesh.layers)
+        g = torch.Generator().manual_seed(batch)
+        prompt = torch.randint(1, worker.config.vocab_size, (batch, bench.context_len), generator=g)
+        self.forward(ForwardBatch.prefill(prompt.to(self.dev)))  # [B, T] prompt
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=self.dev)
+        self.pos = bench.context_len
+
+    def forward(self, batch: ForwardBatch, step: int = 0, events: list | None = None):
+        w = self.w
+        return pipeline_forward(w.model, w.mesh, batch, self.kv, w.par.micro_batches,
+                                w.config.hidden_size, self.dev, w.dtype, True, step,
+                                "decode" if batch.input_ids.shape[1] == 1 else "prefill", events)
+
+    def batch(self, pos: int) -> ForwardBatch:
+        return ForwardBatch(input_ids=self.tokens[:, None],  # [B, 1]
+                            positions=torch.full((self.B, 1), pos, device=self.dev),
+                            kv_start=pos)
+
+    def step(self, i: int, events: list | None = None) -> None:
+        mesh = self.w.mesh
+        logits = self.forward(self.batch(self.pos), i, events)
+        self.pos += 1
+        if mesh.last:
+            self.tokens = logits.argmax(-1)  # [B]
+        if mesh.pp > 1:  # the next step's first stage waits for these tokens
+            dist.broadcast(self.tokens, src=mesh.rank_of(mesh.pp - 1, 0), group=mesh.group)
+
+    def timed(self, events: list | None = None) -> float:
+        """Seconds per decode step, after warm-up, all ranks starting together."""
+        for i in range(self.bench.warmup):
+            self.step(i)
+        _sync(self.dev)
+        dist.barrier(group=self.w.mesh.cpu_group)
+        t0 = time.perf_counter()
+        for i in range(self.bench.steps):
+            self.step(self.bench.warmup + i, events)
+        _sync(self.dev)
+        return (time.perf_counter() - t0) / self.bench.steps
+
+
+def _allreduce_s(worker: RankWorker, nbytes_rows: int, iters: int = 30) -> float:
+    """Seconds per eager all-reduce of [rows, hidden] on the TP group (0 without TP)."""
+    mesh, dev = worker.mesh, worker.ctx.device
+    if mesh.tp_group is None:
+        return 0.0
+    x = torch.zeros(nbytes_rows, worker.config.hidden_size, device=dev, dtype=worker.dtype)
+    for _ in range(5):
+        dist.all_reduce(x, group=mesh.tp_group)
+    _sync(dev)
+    dist.barrier(group=mesh.cpu_group)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x, group=mesh.tp_group)
+    _sync(dev)
+    return (time.perf_counter() - t0) / iters
+
+
+def _graph_step(dec: _Decoder) -> dict:
+    """Capture one decode step in a CUDA graph, check it against eager, time its replays."""
+    fixed = dec.batch(dec.pos)
+    eager = dec.forward(fixed).float()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            dec.forward(fixed)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = dec.forward(fixed)
+        graph.replay()
+        _sync(dec.dev)
+        diff = float((out.float() - eager).abs().max())
+        dist.barrier(group=dec.w.mesh.cpu_group)
+        t0 = time.perf_counter()
+        for _ in range(dec.bench.steps):
+            graph.replay()
+        _sync(dec.dev)
+        seconds = (time.perf_counter() - t0) / dec.bench.steps
+    finally:
+        graph.reset()  # release the captured collectives before any teardown
+        _sync(dec.dev)
+    return {"graph_step_ms": seconds * 1e3, "graph_max_abs_logit_diff": diff}
+
+
+def _bytes_read(worker: RankWorker) -> int:
+    """Weight bytes one decode step reads on this rank (the embedding table only as the head)."""
+    read = 0
+    for name, p in worker.model.named_parameters():
+        tied_head = worker.config.tie_word_embeddings and worker.mesh.last
+        if not name.startswith("embed_tokens") or tied_head:
+            read += p.numel() * p.element_size()
+    return read
+
+
+def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
+    """Every grid x batch size in turn; rank 0 returns one row per pair, the others None."""
+    from workbench.hardware import measure_bandwidth
+
+    bandwidth = measure_bandwidth(ctx.device) if ctx.rank == 0 else 0.0
+    rows = []
+    for par in bench.grids:
+        worker = RankWorker.load(ctx, bench.model, par, getattr(torch, bench.dtype))
+        if worker is None:
+            continue  # this grid leaves the rank idle
+        mesh, cfg = worker.mesh, worker.config
+        with torch.inference_mode():
+            for B in bench.batch_sizes:
+                dec = _Decoder(worker, B, bench)
+                step_s = dec.timed()
+                events: list[StageEvent] = []
+                if par.pp > 1 and bench.timeline:
+                    _Decoder(worker, B, bench).timed(events)
+                mb_rows = -(-B // min(par.micro_batches, B))
+                ar_s = _allreduce_s(worker, mb_rows)
+                extra = _graph_step(dec) if (bench.cuda_graphs and par.pp == 1
+                                             and ctx.device.type == "cuda") else {}
+                kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
+                           * worker.local.num_key_value_heads * cfg.head_dim
+                           * torch.finfo(worker.dtype).bits // 8)
+                mine = {"stage": mesh.stage, "tp_rank": mesh.tp_rank, "layers": len(mesh.layers),
+                        "weight_bytes": _bytes_read(worker), "kv_bytes": kv_read, "ar_s": ar_s,
+                        "events": events if mesh.tp_rank == 0 else [], **extra}
+                gathered = [None] * par.world_size if ctx.rank == 0 else None
+                dist.gather_object(mine, gathered, dst=0, group=mesh.cpu_group)
+                if ctx.rank == 0:
+                    rows.append(_row(par, B, step_s, gathered, bandwidth, bench))
+        del worker
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows if ctx.rank == 0 else None
+
+
+def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidth: float,
+         bench: DecodeBench) -> dict:
+    """One result row: measured step, its floor, communication share and bubble."""
+    m = min(par.micro_batches, B)
+    ar_s = max(r["ar_s"] for r in ranks)
+    stage_floor = max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
+                      + (2 * r["layers"] * ar_s if par.tp > 1 else 0.0) for r in ranks)
+    floor = stage_floor * (m + par.pp - 1) if par.pp > 1 else stage_floor
+    ar_count = 2 * max(r["layers"] for r in ranks) * par.pp * (m if par.pp > 1 else 1)
+    comm = ar_count * ar_s if par.tp > 1 else 0.0
+    row = {"system": f"workbench/{par}", "tp": par.tp, "pp": par.pp, "micro_batches": m,
+           "batch": B, "context_len": bench.context_len, "step_ms": step_s * 1e3,
+           "output_tok_s": B / step_s, "floor_ms": floor * 1e3, "step_over_floor": step_s / floor,
+           "weight_bytes_per_gpu": max(r["weight_bytes"] for r in ranks),
+           "allreduce_us": ar_s * 1e6, "allreduces_per_step": ar_count if par.tp > 1 else 0,
+           "comm_ms_estimate": comm * 1e3, "comm_share_estimate": comm / step_s,
+           "bandwidth_GB_s": bandwidth / 1e9}
+    events = [e for r in ranks for e in r["events"]]
+    if events:
+        row |= {"bubble_measured": measured_bubble(events, par.pp),
+                "bubble_formula": bubble_formula(par.pp, m), "events": events}
+    if "graph_step_ms" in ranks[0]:
+        row |= {k: ranks[0][k] for k in ("graph_step_ms", "graph_max_abs_logit_diff")}
+        row["graph_over_floor"] = ranks[0]["graph_step_ms"] / 1e3 / floor
+    return row

@@ -1,0 +1,145 @@
+"""Pipeline parallelism: stages of consecutive layers, micro-batches, a GPipe fill-drain schedule.
+
+Stage s owns layers ``stages[s]`` (:func:`~workbench.parallel.plan.balanced_stages`). A forward
+pass over a batch of B rows splits it into m micro-batches of rows; each stage runs, for
+j = 1..m: receive micro-batch j's hidden states from stage s-1 (the first stage embeds the
+tokens instead), apply its layers, send the result to stage s+1 (the last stage applies the
+norm and LM head instead). Stage s can start micro-batch j only once stage s-1 finished it, so
+the pipeline fills and drains (GPipe)::
+
+    stage 0 | 1 2 3 4 . . .
+    stage 1 | . 1 2 3 4 . .        p = 3 stages, m = 4 micro-batches:
+    stage 2 | . . 1 2 3 4          (m + p - 1) slots of time, p * m of them busy
+
+and with equal stage times the idle share, the *bubble*, is ``(p - 1) / (m + p - 1)``. Every
+stage records when it computed what (:class:`StageEvent`), so :func:`measured_bubble` compares the
+measured bubble with the formula. Decode steps are micro-batched the same way, each step a
+fill-drain of its own. Notebook 05 teaches it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from workbench.kv.base import KVCache
+from workbench.kv.contiguous import ContiguousKVCache
+from workbench.model.batch import ForwardBatch
+from workbench.model.llama import LlamaModel
+from workbench.parallel.plan import Mesh
+
+__all__ = ["StageEvent", "bubble_formula", "measured_bubble", "pipeline_forward", "split_rows"]
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """Stage ``stage`` computed micro-batch ``micro_batch`` of forward pass ``step`` from
+    ``start`` to ``end`` (seconds of ``time.perf_counter``, one clock for the whole host)."""
+
+    stage: int
+    step: int
+    micro_batch: int
+    start: float
+    end: float
+    kind: str = "decode"  # "prefill" or "decode"
+
+
+def bubble_formula(p: int, m: int) -> float:
+    """GPipe's idle share with equal stages: ``(p - 1) / (m + p - 1)``."""
+    return (p - 1) / (m + p - 1)
+
+
+def measured_bubble(events: list[StageEvent], p: int) -> float:
+    """Idle share of the p stages over each pass: ``1 - busy / (p * span)``, summed over passes.
+
+    A pass's span runs from its first stage's first start to its last stage's last end.
+    """
+    busy = span = 0.0
+    for step in sorted({e.step for e in events}):
+        mine = [e for e in events if e.step == step]
+        span += max(e.end for e in mine) - min(e.start for e in mine)
+        busy += sum(e.end - e.start for e in mine)
+    return 1.0 - busy / (p * span) if span > 0 else 0.0
+
+
+def split_rows(batch: ForwardBatch, m: int) -> list[tuple[slice, ForwardBatch]]:
+    """Up to ``m`` micro-batches of consecutive rows (a packed batch, one row, stays whole)."""
+    B = batch.input_ids.shape[0]
+    if batch.layout is not None or m <= 1 or B == 1:
+        return [(slice(0, B), batch)]
+    bounds = torch.linspace(0, B, min(m, B) + 1).round().long().tolist()
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        rows = slice(a, b)
+        parts.append((rows, ForwardBatch(
+            input_ids=batch.input_ids[rows], positions=batch.positions[rows],  # [b, T] each
+            mask=None if batch.mask is None else batch.mask[rows],  # [b, 1, T, S]
+            kv_start=batch.kv_start)))
+    return parts
+
+
+class RowSliceKV(KVCache):
+    """Rows ``rows`` of a :class:`ContiguousKVCache`: one micro-batch writes and reads its own
+    rows in place; the parent advances once, after every micro-batch ran."""
+
+    def __init__(self, parent: ContiguousKVCache, rows: slice) -> None:
+        self.parent, self.rows = parent, rows
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = batch.kv_start, batch.kv_start + k.shape[2]
+        keys, values = self.parent.k[layer][self.rows], self.parent.v[layer][self.rows]  # views
+        keys[:, :, start:end], values[:, :, start:end] = k, v  # k, v: [b, Hkv, T, d]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, batch: ForwardBatch) -> None:
+        """The parent cache advances for the whole batch."""
+
+    def nbytes(self) -> int:
+        return 0
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the work is done when the clock is read
+    return time.perf_counter()
+
+
+def pipeline_forward(model: LlamaModel, mesh: Mesh, batch: ForwardBatch, kv: KVCache | None,
+                     micro_batches: int, hidden: int, device: torch.device, dtype: torch.dtype,
+                     last_only: bool = False, step: int = 0, kind: str = "decode",
+                     events: list[StageEvent] | None = None) -> torch.Tensor | None:
+    """This stage's part of one GPipe forward pass; the logits on the last stage, else None.
+
+    Activations go to the next stage with ``isend`` (this stage moves on to its next
+    micro-batch) and come from the previous one with a blocking ``recv``.
+    """
+    parts = split_rows(batch, micro_batches)
+    clock = (lambda: _now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
+    outputs, pending = [], []
+    for j, (rows, mb) in enumerate(parts):
+        B, T = mb.input_ids.shape
+        if mesh.first:
+            t0 = clock()
+            x = model.embed(mb)  # [b, T, hidden]
+        else:
+            x = torch.empty(B, T, hidden, device=device, dtype=dtype)  # [b, T, hidden]
+            dist.recv(x, src=mesh.prev_rank)
+            t0 = clock()
+        sub_kv = kv if kv is None or len(parts) == 1 else RowSliceKV(kv, rows)
+        x = model.run_layers(x, mb, sub_kv, mesh.layers)
+        if mesh.last:
+            outputs.append(model.head(x, last_only, mb.logits_indices))
+        if events is not None:
+            events.append(StageEvent(mesh.stage, step, j, t0, clock(), kind))
+        if not mesh.last:
+            x = x.contiguous()
+            pending.append((dist.isend(x, dst=mesh.next_rank), x))  # keep x alive until sent
+    for work, _ in pending:
+        work.wait()
+    if kv is not None:
+        kv.advance(batch)
+    return torch.cat(outputs) if mesh.last else None

@@ -1,0 +1,165 @@
+"""How a model is cut across ranks: the TP x PP grid, the head/column shards, the balanced stages.
+
+Ranks form a grid of ``pp`` pipeline stages, each a group of ``tp`` tensor-parallel ranks::
+
+    rank = stage * tp + tp_rank          (tp = 2, pp = 2:  stage 0 = ranks 0, 1;  stage 1 = 2, 3)
+
+Tensor parallelism gives each rank of a stage ``1/tp`` of every layer (its attention heads, its
+slice of the MLP); pipeline parallelism gives each stage a run of whole layers. Notebook 04 teaches
+the first, notebook 05 the second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from workbench.errors import WorkbenchError
+from workbench.model.config import ModelConfig
+
+__all__ = ["Mesh", "ParallelConfig", "balanced_stages", "check_tp", "make_mesh", "shard_config"]
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``tp`` ranks per stage, ``pp`` stages, ``micro_batches`` per pipelined forward pass."""
+
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1  # GPipe: rows of a batch split into this many micro-batches
+    vocab_parallel: bool = False  # split the embedding and LM head by vocabulary rows too
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "micro_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise WorkbenchError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def __str__(self) -> str:
+        return f"TP{self.tp}xPP{self.pp}" + (f" m={self.micro_batches}" if self.pp > 1 else "")
+
+
+def check_tp(config: ModelConfig, tp: int) -> None:
+    """Raise WorkbenchError unless heads, KV heads and the MLP width all split ``tp`` ways."""
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, name)
+        if value % tp:
+            raise WorkbenchError(f"tensor parallelism {tp} needs {name} ({value}) divisible by "
+                                 f"{tp}; choose tp among the divisors of {value}")
+
+
+def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The shape of one TP rank's shard: ``1/tp`` of the query heads, KV heads and MLP width.
+
+    Everything else (hidden size, head dim, vocabulary, context, EOS) is unchanged, so the
+    model's own classes build the shard and the KV storage holds ``Hkv / tp`` heads per rank.
+    """
+    check_tp(config, tp)
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // tp,
+                               num_key_value_heads=config.num_key_value_heads // tp,
+                               intermediate_size=config.intermediate_size // tp)
+
+
+def _layer_cost(config: ModelConfig) -> int:
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return h * (2 * q + 2 * kv) + 3 * h * i  # weights read per token = decode time
+
+
+def balanced_stages(config: ModelConfig, pp: int) -> list[range]:
+    """Split the layers into ``pp`` runs of consecutive layers with the least maximum cost.
+
+    A layer costs its weight count (decode reads every weight once); the last stage also pays
+    the LM head (``vocab x hidden``). Exact linear partition by dynamic programming.
+    """
+    n = config.num_hidden_layers
+    if pp > n:
+        raise WorkbenchError(f"pipeline parallelism {pp} needs at least {pp} layers; the model "
+                             f"has {n}")
+    layer, head = _layer_cost(config), config.vocab_size * config.hidden_size
+    cost = lambda a, b, last: (b - a) * layer + (head if last else 0)  # noqa: E731
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {}  # (stage, start) -> (max cost, cuts)
+
+    def solve(stage: int, start: int) -> tuple[int, list[int]]:
+        if stage == pp - 1:
+            return cost(start, n, True), []
+        if (stage, start) not in best:
+            options = []
+            for end in range(start + 1, n - (pp - 1 - stage) + 1):
+                rest, cuts = solve(stage + 1, end)
+                options.append((max(cost(start, end, False), rest), [end] + cuts))
+            best[(stage, start)] = min(options, key=lambda o: o[0])
+        return best[(stage, start)]
+
+    bounds = [0] + solve(0, 0)[1] + [n]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This rank's place in the TP x PP grid (None-valued groups when a dimension is 1)."""
+
+    tp: int
+    pp: int
+    rank: int
+    tp_rank: int
+    stage: int
+    tp_group: Any  # this stage's TP ranks (None when tp == 1)
+    cpu_group: Any  # gloo group of ranks 0 .. tp*pp - 1, for metadata broadcasts
+    group: Any  # the same ranks on the job's backend (NCCL on GPUs), for tensors
+    stages: tuple[range, ...]  # layers of every stage
+
+    @property
+    def layers(self) -> range:
+        return self.stages[self.stage]
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+    def rank_of(self, stage: int, tp_rank: int) -> int:
+        return stage * self.tp + tp_rank
+
+    @property
+    def prev_rank(self) -> int:
+        return self.rank_of(self.stage - 1, self.tp_rank)
+
+    @property
+    def next_rank(self) -> int:
+        return self.rank_of(self.stage + 1, self.tp_rank)
+
+
+def make_mesh(rank: int, world_size: int, config: ModelConfig, par: ParallelConfig,
+              backend: str) -> Mesh | None:
+    """Build the TP groups of ``par`` over ranks ``0 .. tp*pp - 1``; None on ranks left idle.
+
+    Every rank of the job must call this (creating a group is collective), members or not.
+    """
+    if par.world_size > world_size:
+        raise WorkbenchError(f"{par} needs {par.world_size} ranks; the job has {world_size}")
+    check_tp(config, par.tp)
+    stages = tuple(balanced_stages(config, par.pp))
+    tp_group = None
+    for stage in range(par.pp):
+        members = [stage * par.tp + t for t in range(par.tp)]
+        group = dist.new_group(members, backend=backend) if par.tp > 1 else None
+        if rank in members:
+            tp_group = group
+    members = list(range(par.world_size))
+    cpu_group = dist.new_group(members, backend="gloo")
+    group = cpu_group if backend == "gloo" else dist.new_group(members, backend=backend)
+    if rank >= par.world_size:
+        return None
+    return Mesh(par.tp, par.pp, rank, rank % par.tp, rank // par.tp, tp_group, cpu_group, group,
+                stages)
