@@ -1,0 +1,14 @@
+"""Offloading across GPU, CPU and disk (FlexGen) and flash-aware loading (LLM in a flash).
+
+``policy``: placement percentages, budget, checks; ``layout``: the model as units; ``store``: the
+weight tiers; ``kvcache``: KV cache and activations on tiers; ``loader``: prefetching into slots;
+``schedule``: row-by-row and block schedules; ``cost``: cost model and policy search; ``flash``:
+sparse FFN loading. Taught in notebook ``06_offloading``.
+"""
+
+from workbench.offload.policy import Budget, MemoryPlan, Policy, Split, check_policy, plan_memory
+from workbench.offload.schedule import OffloadedModel, OffloadRun
+from workbench.offload.store import WeightStore
+
+__all__ = ["Budget", "MemoryPlan", "OffloadRun", "OffloadedModel", "Policy", "Split",
+           "WeightStore", "check_policy", "plan_memory"]

@@ -1,0 +1,232 @@
+"""Generation with offloaded weights: the row-by-row and the block (zig-zag) schedules.
+
+The model runs unit by unit (``embed``, ``run_layers(layers=range(i, i + 1))``, ``head``) on weights
+the loader brings into fast memory. For ``n`` batches per step the two schedules differ only in the
+order of the loops (FlexGen, section 4.1):
+
+    row-by-row (Accelerate, ZeRO-Inference)     block (FlexGen's zig-zag block)
+    for step:                                   for step:
+        for batch k in 1..n:                        for unit j:          # load unit j once ...
+            for unit j:                                 for batch k in 1..n:   # ... use it n times
+                load unit j; compute (j, k)                 compute (j, k)
+
+so per step the row schedule moves ``n`` times the offloaded weight bytes, the block schedule once:
+with weights streaming at bandwidth ``BW``, a step costs at least ``offloaded bytes / BW`` and the
+block schedule's throughput bound is ``n * b * BW / weight bytes`` tokens/s. The block schedule keeps
+each batch's hidden states between units (the activation tier) and a KV cache per batch.
+Greedy decoding, every row generating exactly ``max_new_tokens`` (FlexGen's benchmark setting).
+Taught in notebook ``06_offloading``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.attention.masks import padded_causal_mask
+from workbench.engine.requests import check_request
+from workbench.errors import WorkbenchError
+from workbench.model.batch import ForwardBatch
+from workbench.model.config import ModelConfig
+from workbench.model.llama import LlamaModel
+from workbench.model.rope import inverse_frequencies
+from workbench.offload.kvcache import ActivationStore, TieredKVCache
+from workbench.offload.layout import model_weight_bytes
+from workbench.offload.loader import Span, Timeline, UnitLoader
+from workbench.offload.policy import Budget, MemoryPlan, Policy, act_tiers, check_policy, kv_tiers
+from workbench.offload.store import WeightStore
+
+
+@dataclass
+class OffloadRun:
+    """What one generation run produced and cost."""
+
+    policy: Policy
+    output_ids: list[list[int]]  # generated ids of each prompt, in the order given
+    prefill_s: float
+    decode_s: float
+    step_s: list[float]  # wall time of every step (step 0 is the prefill)
+    bytes: dict[str, int]  # disk_read, h2d (weights), kv_h2d, kv_d2h, act_moved ...
+    plan: MemoryPlan
+    peak_fast_bytes: int | None = None  # CUDA: peak allocated device memory during the run
+    timeline: list = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second over the decode steps (every row, steps 1..n-1)."""
+        steps = len(self.step_s) - 1
+        return self.policy.effective_batch * steps / self.decode_s if steps and self.decode_s else 0.0
+
+    @property
+    def output_tok_s(self) -> float:
+        """All generated tokens over the whole run, prefill included (FlexGen's throughput)."""
+        total = sum(map(len, self.output_ids))
+        return total / self.seconds if self.seconds else 0.0
+
+
+def _bind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Point the skeleton's parameters at the loaded tensors (no copy)."""
+    for name, tensor in params.items():
+        path, leaf = name.rsplit(".", 1)
+        module.get_submodule(path)._parameters[leaf] = tensor  # plain tensors: inference only
+
+
+class OffloadedModel:
+    """A model whose weights live in a :class:`WeightStore`, run under a policy and a budget."""
+
+    def __init__(self, store: WeightStore, budget: Budget) -> None:
+        self.store, self.budget, self.config = store, budget, store.config
+        self.policy, self.device = store.policy, store.device
+        with torch.device("meta"):
+            self.skeleton = LlamaModel(self.config)  # module code only: weights are bound per unit
+        self.skeleton.inv_freq = inverse_frequencies(self.config).to(self.device)
+        self.skeleton.eval()
+
+    @classmethod
+    def build(cls, source: LlamaModel | ModelConfig, policy: Policy, budget: Budget,
+              device: torch.device | str = "cpu", prompt_len: int = 1, max_new_tokens: int = 1,
+              dtype: torch.dtype | None = None, seed: int = 0,
+              init_device: str | torch.device = "cpu", cold_disk: bool = True) -> OffloadedModel:
+        """Check ``policy`` against ``budget`` for that workload (errors before any work), then
+        place the weights: a model's own, or random ones for a :class:`ModelConfig`.
+        ``cold_disk=False`` lets disk reads come from the page cache (faster tests)."""
+        device = torch.device(device)
+        config = source if isinstance(source, ModelConfig) else source.config
+        dtype = dtype or (torch.float32 if isinstance(source, ModelConfig) else source.dtype)
+        check_policy(policy, config, dtype, budget, device.type, prompt_len, max_new_tokens)
+        if isinstance(source, ModelConfig):
+            store = WeightStore.random(config, dtype, policy, device, budget.disk_dir, seed,
+                                       init_device=init_device, cold_disk=cold_disk)
+        else:
+            store = WeightStore.from_model(source, policy, device, budget.disk_dir, cold_disk)
+        return cls(store, budget)
+
+    @property
+    def weight_bytes(self) -> int:
+        return model_weight_bytes(self.config, self.store.dtype)
+
+    def close(self) -> None:
+        self.store.close()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, policy: Policy | None = None,
+                 trace: bool = False) -> OffloadRun:
+        """Greedy generation for ``policy.effective_batch`` prompts (``num_gpu_batches`` batches of
+        ``gpu_batch_size``, in order). ``policy`` may change the batching, schedule and KV/activation
+        placement, not the weights' (that is the store's)."""
+        pol = policy or self.policy
+        if (pol.weights, pol.compress_weights) != (self.policy.weights, self.policy.compress_weights):
+            raise WorkbenchError("the weights placement is fixed when the model is built: build "
+                                 "another OffloadedModel for another weights split")
+        if len(prompts) != pol.effective_batch:
+            raise WorkbenchError(f"policy {pol.label!r} runs {pol.effective_batch} prompts "
+                                 f"({pol.num_gpu_batches} batches of {pol.gpu_batch_size}), "
+                                 f"got {len(prompts)}")
+        if max_new_tokens < 1:
+            raise WorkbenchError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, p in enumerate(prompts):
+            check_request(self.config, list(p), max_new_tokens, f"prompt {i}")
+        P = max(map(len, prompts))
+        plan = check_policy(pol, self.config, self.store.dtype, self.budget, self.device.type,
+                            P, max_new_tokens)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        counters: dict[str, int] = {}
+        timeline = Timeline(self.device) if trace else None
+        loader = UnitLoader(self.store, pol.overlap, timeline)
+        b, n = pol.gpu_batch_size, pol.num_gpu_batches
+        batches = [_Row(prompts[k * b:(k + 1) * b], max_new_tokens, self.device) for k in range(n)]
+        disk = (Path(tempfile.mkdtemp(prefix="run-", dir=self.budget.disk_dir))
+                if self.budget.disk_dir and pol.uses_disk else None)
+        kvs = [TieredKVCache(self.config, b, r.max_len, kv_tiers(pol, self.config.num_hidden_layers),
+                             self.device, self.store.dtype, disk, f"kv{k}", pol.cpu_attention,
+                             pol.compress_kv, counters) for k, r in enumerate(batches)]
+        acts = ActivationStore(act_tiers(pol) if pol.schedule == "block" else ["gpu"] * n,
+                               self.device, disk, b * P * self.config.hidden_size
+                               * self.store.dtype.itemsize, counters)
+        units = range(len(self.store.units))
+        tasks = [(step, u, ks) for step in range(max_new_tokens)
+                 for u, ks in ([(u, list(range(n))) for u in units] if pol.schedule == "block"
+                               else [(u, [k]) for k in range(n) for u in units])]
+        step_s, t_step = [], time.perf_counter()
+        try:
+            for (step, u, ks), (_, params) in zip(tasks, loader.stream([t[1] for t in tasks])):
+                start = timeline.mark() if timeline is not None else None
+                for k in ks:
+                    self._compute(u, params, k, batches[k], kvs[k], acts)
+                if timeline is not None:
+                    end = timeline.mark()
+                    label = self.store.units[u].name
+                    if cuda:
+                        timeline.add("compute", label, start, end)
+                    else:
+                        timeline.spans.append(Span("compute", label, start, end))
+                if u == units[-1] and ks[-1] == n - 1:  # the step's last unit of its last batch
+                    if cuda:
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    step_s.append(now - t_step)
+                    t_step = now
+        finally:
+            loader.close()
+            for kv in kvs:
+                kv.close()
+            acts.close()
+            if disk is not None:
+                shutil.rmtree(disk, ignore_errors=True)
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        spans = timeline.resolve() if timeline is not None else []
+        return OffloadRun(pol, [ids for r in batches for ids in r.outputs], step_s[0],
+                          sum(step_s[1:]), step_s, {**loader.bytes, **counters}, plan, peak, spans)
+
+    def _compute(self, u: int, params: dict[str, torch.Tensor], k: int, row: _Row,
+                 kv: TieredKVCache, acts: ActivationStore) -> None:
+        unit = self.store.units[u]
+        if unit.kind == "embed":
+            acts.put(k, self.store.embedding_rows(row.batch.input_ids))  # [B, T, hidden]
+            return
+        _bind(self.skeleton, params)
+        x = acts.get(k)
+        if unit.kind == "layer":
+            acts.put(k, self.skeleton.run_layers(x, row.batch, kv, layers=range(unit.index,
+                                                                                unit.index + 1)))
+            return
+        logits = self.skeleton.head(x, last_only=True)  # [B, vocab]
+        kv.advance(row.batch)
+        row.next(logits.argmax(-1).tolist(), kv.length)
+
+
+class _Row:
+    """One batch of left-padded prompts and its decoding state (as the static engine builds it)."""
+
+    def __init__(self, prompts: list[list[int]], steps: int, device: torch.device) -> None:
+        P, pad = max(map(len, prompts)), 0
+        self.max_len, self.device = P + steps, device
+        ids = torch.tensor([[pad] * (P - len(p)) + list(p) for p in prompts], device=device)  # [B, P]
+        self.valid = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts],
+                                  device=device)  # [B, P]
+        positions = (self.valid.cumsum(1) - 1).clamp(min=0)  # [B, P]
+        self.batch = ForwardBatch(ids, positions, padded_causal_mask(self.valid, P))
+        self.outputs: list[list[int]] = [[] for _ in prompts]
+
+    def next(self, tokens: list[int], kv_length: int) -> None:
+        for out, t in zip(self.outputs, tokens):
+            out.append(t)
+        B = len(tokens)
+        self.valid = torch.cat([self.valid, torch.ones(B, 1, dtype=torch.bool, device=self.device)], 1)
+        self.batch = ForwardBatch(input_ids=torch.tensor(tokens, device=self.device)[:, None],  # [B, 1]
+                                  positions=self.batch.positions[:, -1:] + 1,
+                                  mask=self.valid[:, None, None, :],  # [B, 1, 1, S]
+                                  kv_start=kv_length)
+
