@@ -43,6 +43,19 @@ def test_generate_bundled_matches_engine(tmp_path):
     assert len(rows[1]["output_ids"]) <= 5
 
 
+def test_generate_paged_equals_contiguous(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS * 2])
+    outputs = []
+    for kv in (["--kv", "contiguous"], ["--kv", "paged", "--block-size", "4", "--num-blocks",
+                                        "24", "--prefix-caching"]):
+        out = tmp_path / f"{kv[1]}.jsonl"
+        assert main(["generate", "--prompts", str(prompts), "--output", str(out),
+                     "--strategy", "continuous", "--batch-size", "3", "--max-new-tokens", "20",
+                     "--no-progress", "--device", "cpu", *kv]) == 0
+        outputs.append([json.loads(line)["output_ids"] for line in out.read_text().splitlines()])
+    assert outputs[0] == outputs[1] and all(outputs[0])
+
+
 def test_generate_random_checkpoint_without_tokenizer_equals_transformers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,6 +99,10 @@ def test_sampling_is_seeded(tmp_path, capsys):
     ([{"prompt": "x"}], ["--model", "/no/such/dir"], "model directory not found"),
     ([{"prompt": "x"}], ["--device", "tpu"], "unknown device 'tpu'"),
     ([{"prompt": "x"}], ["--dtype", "int3"], "invalid choice"),
+    ([{"prompt": "x"}], ["--kv", "paged"], "use --strategy continuous"),
+    ([{"prompt": "x"}], ["--strategy", "continuous", "--prefix-caching"], "need(s) --kv paged"),
+    ([{"prompt": "x"}], ["--strategy", "continuous", "--kv", "paged", "--block-size", "0"],
+     "block_size must be >= 1"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, rows, extra, message):
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)

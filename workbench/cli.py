@@ -42,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="JSONL written in the same order ('-' = stdout)")
     gen.add_argument("--strategy", default="static", choices=["static", "continuous"],
                      help="static padded batches, or continuous (iteration-level) batching")
-    gen.add_argument("--kv", default="contiguous", choices=["contiguous"], help="KV storage")
+    gen.add_argument("--kv", default="contiguous", choices=["contiguous", "paged"],
+                     help="KV storage of the continuous engine: max-length slots, or paged blocks")
+    gen.add_argument("--block-size", type=int, default=16, help="paged: tokens per KV block")
+    gen.add_argument("--num-blocks", type=int, default=None,
+                     help="paged: KV blocks in the pool (default: room for every sequence)")
+    gen.add_argument("--prefix-caching", action="store_true",
+                     help="paged: share full blocks of common prompt prefixes")
+    gen.add_argument("--fast", action="store_true",
+                     help="paged on a GPU: CUDA graphs, fused weights, torch.compile, Triton")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--batch-size", type=int, default=8,
                      help="static: rows per batch; continuous: max sequences running at once")
@@ -57,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--quant", default=None,
+                     help="weight-only quantization: int8, int4, or int<4|8>-<gN|ch>-<sym|asym>")
+    gen.add_argument("--tp", type=int, default=1, help="tensor parallel ranks (torchrun or spawned)")
+    gen.add_argument("--pp", type=int, default=1, help="pipeline parallel stages")
+    gen.add_argument("--micro-batches", type=int, default=1,
+                     help="pipeline: micro-batches per static forward pass (GPipe)")
 
     from workbench.bench.run import add_bench_parser
 

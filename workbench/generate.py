@@ -104,15 +104,48 @@ def generate_file(args: argparse.Namespace) -> None:
                               seed=args.seed)
     device = resolve_device(args.device)
     lines = read_prompts(args.prompts)
-    model = load_model(args.model, device, getattr(torch, args.dtype))
+    for name in ("tp", "pp", "micro_batches"):
+        if getattr(args, name, 1) < 1:
+            raise WorkbenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    parallel = getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1
+    paged_only = [f"--{n.replace('_', '-')}" for n in ("num_blocks", "prefix_caching", "fast")
+                  if getattr(args, n, None)]
+    if getattr(args, "kv", "contiguous") == "paged" or paged_only:
+        if args.strategy != "continuous" or parallel:
+            raise WorkbenchError("paged KV storage is served by the continuous engine on one "
+                                 "device: use --strategy continuous (without --tp/--pp)")
+        if args.kv != "paged":
+            raise WorkbenchError(f"{', '.join(paged_only)} need(s) --kv paged")
+    if parallel and getattr(args, "quant", None):
+        raise WorkbenchError("--quant runs on one device: it cannot be combined with --tp/--pp")
+    if parallel:  # each rank loads only its shard, in its own process
+        from workbench.parallel.engine import config_of
+
+        config = config_of(args.model)
+    else:
+        model = load_model(args.model, device, getattr(torch, args.dtype))
+        config = model.config
+        if getattr(args, "quant", None):  # weight-only int8/int4 (notebook 07)
+            from workbench.quant.groupwise import parse_quant_config
+            from workbench.quant.linear import quantize_model
+
+            quantize_model(model, parse_quant_config(args.quant))
     tokenizer = load_tokenizer(args.model)
-    config = model.config
     ids, limits = tokenize(lines, tokenizer, config, args.max_new_tokens, args.prompts)
     requests = [Request(tuple(p), n, id=i) for i, (p, n) in enumerate(zip(ids, limits))]
-    if args.strategy == "continuous":
+    if parallel:
+        run = _run_parallel(args, requests, sampling, device)
+        if run is None:
+            return  # not rank 0 of a torchrun job: rank 0 writes the output
+    elif args.strategy == "continuous":
+        paged = dict(kv="paged", block_size=args.block_size, num_blocks=args.num_blocks,
+                     prefix_caching=args.prefix_caching, cuda_graphs=args.fast,
+                     compile=args.fast) if args.kv == "paged" else {}
         config = EngineConfig(max_num_seqs=args.batch_size,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              chunked_prefill=args.chunked_prefill)
+                              chunked_prefill=args.chunked_prefill,
+                              max_model_len=max(len(r.prompt_ids) + r.max_new_tokens
+                                                for r in requests), **paged)
         run = run_continuous(model, requests, config, sampling, progress=not args.no_progress)
     else:
         run = run_static(model, requests, args.batch_size, sampling,
@@ -137,3 +170,19 @@ def generate_file(args: argparse.Namespace) -> None:
             Path(args.output).write_text(body)
         except OSError as err:
             raise WorkbenchError(f"cannot write {args.output}: {err}") from None
+
+
+def _run_parallel(args: argparse.Namespace, requests: list, sampling, device: torch.device):
+    """``--tp/--pp``: under torchrun, this process is one rank; otherwise spawn them here."""
+    from workbench.engine import EngineConfig
+    from workbench.parallel import GenerateJob, ParallelConfig
+
+    config = EngineConfig(max_num_seqs=args.batch_size,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          chunked_prefill=args.chunked_prefill)
+    job = GenerateJob(args.model, tuple(requests),
+                      ParallelConfig(tp=args.tp, pp=args.pp, micro_batches=args.micro_batches),
+                      args.strategy, args.batch_size, config, sampling, args.dtype)
+    from workbench.parallel.engine import run_cli_job
+
+    return run_cli_job(job, device.type)
