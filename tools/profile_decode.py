@@ -11,11 +11,10 @@ A torch.profiler table of the fastest variant at batch 1 says where the rest goe
 
 import argparse
 import json
-import statistics
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from workbench.engine.cudagraph import replay_ms
 from workbench.engine.fastpath import FusedDecoder
 from workbench.hardware import detect, measure_roofline
 from workbench.kv.paged import PagedKVCache, kv_bytes_per_token
@@ -84,16 +83,9 @@ def graph_ms(fn, replays: int = 30) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = replay_ms(graph, replays)
     del graph
-    return statistics.median(times)
+    return ms
 
 
 rows = []

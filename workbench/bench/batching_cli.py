@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.bench.run import write_report
-from workbench.errors import WorkbenchError
+from workbench.bench.run import bench_device, write_report
 
 def add_parser(bench_sub) -> None:
     b = bench_sub.add_parser("batching", help="static vs continuous, ours and transformers'")
@@ -35,15 +34,11 @@ def add_parser(bench_sub) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from workbench.bench.batching import SYSTEMS, BatchingBench, bench_batching
-    from workbench.hardware import detect, measure_roofline, resolve_device
+    from workbench.hardware import detect, measure_roofline
     from workbench.model.loading import load_model, load_tokenizer
     from workbench.workloads import anyscale, make_requests, workload
 
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise WorkbenchError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    device = bench_device(args)
     dtype = getattr(torch, args.dtype)
     systems = tuple(args.systems.split(",")) if args.systems else SYSTEMS
     bench = BatchingBench(systems=systems, batch_size=args.batch_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.bench.run import write_report
+from workbench.bench.run import bench_device, write_report
 from workbench.errors import WorkbenchError
 
 
@@ -51,19 +51,15 @@ def _split(text: str, what: str):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from workbench.hardware import detect, resolve_device
+    from workbench.hardware import detect
     from workbench.model.loading import PRESET_PREFIX, load_model
     from workbench.model.presets import preset_config
-    from workbench.offload.bench import Batching, accelerate_rows, bars, random_prompts, run_policies
+    from workbench.offload.bench import Batching, bars, random_prompts, run_policies
     from workbench.offload.cost import calibrate, measure_h2d
     from workbench.offload.policy import Budget, Policy, Split, check_policy, parse_bytes, plan_memory
     from workbench.offload.schedule import OffloadedModel
 
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise WorkbenchError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    device = bench_device(args)
     dtype = ((torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto"
              else getattr(torch, args.dtype))
     for name in ("prompt_len", "gen_len"):

@@ -180,19 +180,13 @@ def bench_batch1(model, hf_model, prompt: tuple[int, ...], new_tokens: int, benc
 
 def graph_step_ms(engine: ContinuousEngine, request: Request, replays: int = 50) -> float:
     """Median GPU time of one batch-1 decode graph replay (CUDA events), mid-sequence context."""
+    from workbench.engine.cudagraph import replay_ms
+
     graphs = engine.graphs
     nb = next(x for x in graphs.block_buckets
               if x * engine.config.block_size >= len(request.prompt_ids) + request.max_new_tokens // 2)
     graph, _ = graphs.graphs[graphs.batch_buckets[0], nb]
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return replay_ms(graph, replays)
 
 
 def bench_budgets(model, requests, bench: PagedBench, budgets_gib: list[float],

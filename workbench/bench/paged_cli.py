@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.bench.run import write_report
+from workbench.bench.run import bench_device, write_report
 from workbench.errors import WorkbenchError
 
 
@@ -39,15 +39,11 @@ def run(args: argparse.Namespace) -> dict:
     from workbench.bench.paged import (SYSTEMS, PagedBench, bench_batch1, bench_budgets,
                                        bench_throughput)
     from workbench.bench.batching_cli import _describe
-    from workbench.hardware import detect, measure_roofline, resolve_device
+    from workbench.hardware import detect, measure_roofline
     from workbench.model.loading import load_model, load_tokenizer
     from workbench.workloads import make_requests, workload
 
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise WorkbenchError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    device = bench_device(args)
     try:
         budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
     except ValueError:

@@ -15,6 +15,7 @@ replays; the only wait is for the sampled tokens at the end of the step.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -32,6 +33,19 @@ def buckets(largest: int) -> list[int]:
         sizes.append(n)
         n *= 2
     return sizes + [largest]
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", replays: int = 50) -> float:
+    """Median GPU time of one replay of ``graph`` (CUDA events around each replay)."""
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 class DecodeGraphs:

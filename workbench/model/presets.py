@@ -54,13 +54,19 @@ def random_model(config: ModelConfig | str, device: torch.device | str = "cpu",
     """A model of that shape with N(0, std) weights, allocated directly on ``device``."""
     config = preset_config(config) if isinstance(config, str) else config
     model = empty_model(config, device, dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, std, generator=gen)
+    fill_random(model, seed, std)
     return model.eval()
+
+
+@torch.no_grad()
+def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """N(0, std) matrices, norms 1, biases 0, drawn on the model's device (timing-only weights)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif p.dim() == 1:
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)

@@ -92,15 +92,8 @@ def load_shard(model: LlamaModel, model_dir: Path, config: ModelConfig, mesh: Me
     return nbytes
 
 
-@torch.no_grad()
 def random_shard(model: LlamaModel, seed: int = 0, std: float = 0.02) -> None:
     """N(0, std) weights for a shape preset's shard (timing only): norms 1, biases 0."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif p.dim() == 1:
-            p.zero_()
-        else:
-            p.normal_(0.0, std, generator=gen)
+    from workbench.model.presets import fill_random
+
+    fill_random(model, seed, std)

@@ -64,7 +64,7 @@ def plot_matrix_split(split: MatmulSplit, ax: Axes | None = None) -> Axes:
             x += a.shape[1]
     ax.text(k + gap / 2, m / 2, "x", ha="center", va="center", fontsize=14)
     # B
-    x0, y = k + gap, 0
+    x0 = k + gap
     for i, b in enumerate(split.b_parts):
         if split.how == "columns":
             _block(ax, x0 + i * b.shape[1], 0, b.shape[1], k, _COLOURS[i], f"B{i + 1}")
