@@ -19,6 +19,12 @@ from workbench.errors import WorkbenchError
 # benchmark name -> module holding its ``add_parser`` and ``run``
 BENCHMARKS = {
     "batching": "workbench.bench.batching_cli",
+    "tp": "workbench.bench.parallel_cli",
+    "pp": "workbench.bench.parallel_cli",
+    "offload": "workbench.bench.offload_cli",
+    "streaming": "workbench.bench.streaming_cli",
+    "paged": "workbench.bench.paged_cli",
+    "quant": "workbench.bench.quant_cli",
 }
 
 
@@ -31,6 +37,21 @@ def add_bench_parser(sub) -> None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     return importlib.import_module(BENCHMARKS[args.bench_name]).run(args)
+
+
+def bench_device(args: argparse.Namespace):
+    """The ``--device`` of a benchmark, after applying ``--threads`` (CPU threads for torch)."""
+    import torch
+
+    from workbench.hardware import resolve_device
+
+    device = resolve_device(args.device)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise WorkbenchError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return device
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -20,6 +20,10 @@ from workbench.model.batch import ForwardBatch
 class KVCache(ABC):
     """Per-layer key/value storage that the model writes to and reads from."""
 
+    # True for a storage that applies RoPE itself at the positions it assigns (StreamingLLM's
+    # rolling cache, notebook 08): the model then hands over q and k before rotation
+    rotates_keys: bool = False
+
     @abstractmethod
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

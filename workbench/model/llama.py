@@ -64,7 +64,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, d).transpose(1, 2)  # [B, H, T, d]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(B, T, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, T, d]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None or not kv.rotates_keys:  # a rolling cache rotates at its own positions
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (StreamingLLM, notebook 08)
         if kv is None:  # no cache: attend among the T tokens of this step
             out = sdpa(q, k, v, batch.mask, causal=batch.mask is None)  # [B, H, T, d]
         else:  # the storage writes k/v and attends through its own layout

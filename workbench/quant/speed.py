@@ -83,13 +83,13 @@ def greedy_decode(model: LlamaModel, prompt: torch.Tensor, steps: int,
 
     run = one_step
     if graph:
+        saved = ids.clone(), pos.clone(), mask.clone()  # the state before the warm-up step
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside capture, then undo its effects
             one_step()
         torch.cuda.current_stream().wait_stream(stream)
         cuda_graph = torch.cuda.CUDAGraph()
-        saved = ids.clone(), pos.clone(), mask.clone()
         with torch.cuda.graph(cuda_graph):
             one_step()
         for t, s in zip((ids, pos, mask), saved):
