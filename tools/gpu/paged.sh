@@ -14,7 +14,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
         --json "$OUT/paged-smoke.json"
     exit 0
 fi
-python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py 2>&1 | tail -5
+[ "${SKIP_TESTS:-0}" = 1 ] || python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py 2>&1 | tail -5
 python -m workbench bench paged --model preset:llama-3.2-1b --dtype bfloat16 --device "$DEVICE" \
     --workload design-anchor --budgets "${BUDGETS:-1,2,4}" --no-progress \
     --json "$OUT/paged-design-anchor_${TAG}_$(date +%F).json"

@@ -158,6 +158,10 @@ class BlockManager:
                 self._hash_of[block], self._block_of[h] = h, block
             hashes.append(h)
 
+    def is_cached(self, block: int) -> bool:
+        """Named in the prefix cache (owned or not): a later request with its prefix finds it."""
+        return block in self._hash_of
+
     def is_private(self, block: int) -> bool:
         """Owned by one sequence and not in the prefix cache: safe to write in place."""
         return self.refcount[block] == 1 and block not in self._hash_of
