@@ -12,7 +12,8 @@ from workbench.errors import WorkbenchError
 from workbench.model.loading import load_model
 from workbench.model.presets import random_model
 from workbench.offload import Budget, OffloadedModel, Policy, Split, WeightStore, check_policy
-from workbench.offload.policy import parse_bytes, plan_memory, staging_bytes
+from workbench.offload.memory import plan_memory, staging_bytes
+from workbench.offload.policy import parse_bytes
 from workbench.offload.store import unit_layout
 
 GIB = 1 << 30

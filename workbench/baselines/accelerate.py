@@ -6,6 +6,12 @@ hooks on the offloaded modules that copy their weights in before each forward an
 Every batch therefore streams the offloaded layers once per forward, from pageable memory, without
 overlapping copies and compute: the row-by-row schedule. We run ``generate`` (greedy, exactly
 ``max_new_tokens`` per row) on the same weights, prompts and budget as our offloaded model.
+
+``max_memory`` is not a cap on Accelerate's peak: it bounds the weights placed on the device,
+*including* room Accelerate reserves for the largest offloaded module in flight, but not the KV
+cache, activations and logits of ``generate``. ``bench offload`` therefore gives it the budget minus
+an estimate of those, measures the peak of a probe run and lowers ``max_memory`` (dispatching the
+same CPU weights again, :func:`hf_from_state`) until the peak fits the budget.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ class AccelerateRun:
     prefill_s: float  # until the first token
     decode_s: float  # first token -> last token
     peak_fast_bytes: int | None  # CUDA: peak allocated device memory during generate
+    fast_bytes_at_start: int | None = None  # CUDA: allocated before (its resident weights)
+    peak_reserved_bytes: int | None = None  # CUDA: peak reserved by the caching allocator
+    step_s: list[float] | None = None  # every decode step (first token -> second, ...)
 
     @property
     def decode_tok_s(self) -> float:
@@ -42,17 +51,11 @@ class AccelerateRun:
         return total / (self.prefill_s + self.decode_s)
 
 
-def hf_from_store(store):
-    """A transformers model on the CPU holding the weights of our :class:`WeightStore` (dense).
-
-    Built without random init (fast for 8B shapes); each tensor is copied out of its tier, so both
-    systems run literally the same numbers.
-    """
+def _skeleton(model_config, dtype: torch.dtype):
+    """A transformers model of our config on the CPU, its weights allocated but not initialised."""
     import transformers
 
-    from workbench.offload.store import carve
-
-    raw = store.config.to_hf_dict()
+    raw = model_config.to_hf_dict()
     config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     try:
         from transformers.initialization import no_init_weights as skip_init
@@ -60,8 +63,46 @@ def hf_from_store(store):
         skip_init = contextlib.nullcontext
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     with skip_init():
-        net = transformers.AutoModelForCausalLM.from_config(config, **{dtype_key: store.dtype})
+        net = transformers.AutoModelForCausalLM.from_config(config, **{dtype_key: dtype})
     net.tie_weights()
+    return net
+
+
+def cpu_state(hf_model) -> dict[str, torch.Tensor]:
+    """The model's CPU tensors by name (no copy), to dispatch the same weights again later."""
+    return dict(hf_model.state_dict())
+
+
+def hf_from_state(model_config, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A fresh (undispatched) transformers model on the CPU tensors of :func:`cpu_state`."""
+    net = _skeleton(model_config, dtype)
+    net.load_state_dict(state, assign=True)
+    net.tie_weights()
+    return net.eval()
+
+
+def release(hf_model) -> None:
+    """Remove Accelerate's hooks and give the device memory of a dispatched model back."""
+    import gc
+
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(hf_model, recurse=True)
+    hf_model.to("meta")  # drop its device tensors (CPU ones live on in a cpu_state, if kept)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def hf_from_store(store):
+    """A transformers model on the CPU holding the weights of our :class:`WeightStore` (dense).
+
+    Built without random init (fast for 8B shapes); each tensor is copied out of its tier, so both
+    systems run literally the same numbers.
+    """
+    from workbench.offload.store import carve
+
+    net = _skeleton(store.config, store.dtype)
     theirs = dict(net.named_parameters())
     with torch.no_grad():
         for u, unit in enumerate(store.units):
@@ -106,13 +147,35 @@ def dispatch(hf_model, device: torch.device | str, fast_bytes: int,
     if "disk" in device_map.values() and offload_dir is None:
         raise WorkbenchError("Accelerate needs a disk folder: the model does not fit the budget "
                              "and the host memory given")
-    if set(device_map) == {""} and device_map[""] != main:
-        raise WorkbenchError(f"Accelerate keeps nothing on {device} with {fast_bytes} bytes: "
-                             f"give it a larger budget")
+    device_map = dict(device_map)
+    if main not in device_map.values():  # nothing fits: dispatch_model would compute on the CPU
+        device_map = _pin_smallest(hf_model, device_map, main)  # so stream every weight instead
     on_disk = "disk" in device_map.values()
     model = dispatch_model(hf_model, device_map, main_device=main,
                            offload_dir=str(offload_dir) if on_disk else None)
     return model, dict(device_map)
+
+
+def _pin_smallest(hf_model, device_map: dict, main) -> dict:
+    """The same placement with its smallest module (the rotary table, a norm) on ``main``: with
+    more than one place in the map, Accelerate computes on ``main`` and streams every other
+    module in (with a single place it would just move the model there)."""
+    def leaves(module, prefix: str) -> list[str]:
+        children = list(module.named_children())
+        if not children or type(module).__name__ in NO_SPLIT:
+            return [prefix]
+        return [n for name, child in children for n in leaves(child, f"{prefix}.{name}"
+                                                                if prefix else name)]
+
+    def where(name: str):
+        return next(v for k, v in device_map.items()
+                    if k == "" or name == k or name.startswith(k + "."))
+
+    full = {name: where(name) for name in leaves(hf_model, "")}
+    sizes = {name: sum(t.numel() * t.element_size() for t in hf_model.get_submodule(name).state_dict()
+                       .values()) for name in full}
+    full[min(full, key=lambda n: (sizes[n], list(full).index(n)))] = main
+    return full
 
 
 def placement_summary(device_map: dict, num_layers: int) -> dict[str, int]:
@@ -166,9 +229,11 @@ def run_accelerate(hf_model, prompts: list[list[int]], max_new_tokens: int,
     ids = torch.tensor([[pad_token_id] * (P - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
     cuda = device.type == "cuda"
+    start = None
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
     clock = _StepTimes(device, evict)
     if evict is not None:
         evict_folder(evict)
@@ -180,4 +245,6 @@ def run_accelerate(hf_model, prompts: list[list[int]], max_new_tokens: int,
         torch.cuda.synchronize(device)
     t = clock.times
     return AccelerateRun(len(prompts), out[:, P:].tolist(), t[0] - t0, t[-1] - t[0],
-                         torch.cuda.max_memory_allocated(device) if cuda else None)
+                         torch.cuda.max_memory_allocated(device) if cuda else None, start,
+                         torch.cuda.max_memory_reserved(device) if cuda else None,
+                         [b - a for a, b in zip(t, t[1:])])

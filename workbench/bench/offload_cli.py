@@ -1,10 +1,22 @@
-"""``bench offload``: block vs row-by-row schedules and Accelerate under one fast-memory budget."""
+"""``bench offload``: block vs row-by-row schedules and Accelerate under one fast-memory budget.
+
+Order of work: check every policy against the budget (errors before any work), calibrate the cost
+model on this machine (micro-benchmarks, then its compute terms fitted to short probe runs of a
+4-layer copy of the model), build the offloaded model, time our policies (each GPU batch size warmed up
+first), then free our model's device memory entirely before Accelerate runs, so that each system's
+peak is its own. Accelerate gets ``max_memory`` = budget minus an estimate of its KV cache,
+activations and logits at each batch size; a probe run measures the peak and, when it exceeds the
+budget, ``max_memory`` is lowered by the excess and the same CPU weights are dispatched again.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -22,13 +34,17 @@ def add_parser(bench_sub) -> None:
     b.add_argument("--budget", default="4GiB", help="fast-memory budget, e.g. 4GiB, 64MiB")
     b.add_argument("--disk-dir", type=Path, default=None, help="folder of the disk tier")
     b.add_argument("--weights", default="auto",
-                   help="weights split 'gpu,cpu,disk' percentages, or auto (most on gpu that fits)")
+                   help="weights split 'gpu,cpu,disk' percentages, or auto (the most on the gpu "
+                        "tier with which every fixed batching fits)")
     b.add_argument("--kv", default="100,0,0", help="KV cache split 'gpu,cpu,disk'")
     b.add_argument("--cpu-attention", action="store_true")
     b.add_argument("--compress-weights", action="store_true", help="4-bit weights off the gpu tier")
     b.add_argument("--batchings", default="1x1,8x1,8x4",
-                   help="comma-separated BxN: N batches of B rows (effective batch B*N)")
+                   help="comma-separated BxN: N batches of B rows (effective batch B*N); Bxmax: "
+                        "as many batches of B as the planner fits in the budget")
     b.add_argument("--schedules", default="block,row")
+    b.add_argument("--row-batchings", default="all",
+                   help="batchings the row schedule also runs ('all': every one with N > 1)")
     b.add_argument("--prompt-len", type=int, default=32)
     b.add_argument("--gen-len", type=int, default=8)
     b.add_argument("--accelerate-batches", default="1,8",
@@ -50,14 +66,33 @@ def _split(text: str, what: str):
     return Split(g, c, d, what=what)
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise WorkbenchError(f"{flag}: write comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise WorkbenchError(f"{flag}: sizes must be >= 1, got {text!r}")
+    return values
+
+
 def run(args: argparse.Namespace) -> dict:
     from workbench.hardware import detect
     from workbench.model.loading import PRESET_PREFIX, load_model
     from workbench.model.presets import preset_config
-    from workbench.offload.bench import Batching, bars, random_prompts, run_policies
-    from workbench.offload.cost import calibrate, measure_h2d
-    from workbench.offload.policy import Budget, Policy, Split, check_policy, parse_bytes, plan_memory
+    from workbench.offload.bench import Batching, bars, run_policies
+    from workbench.offload.calibrate import calibrate_with_probes, measure_h2d
+    from workbench.offload.memory import check_policy, max_num_batches, plan_memory
+    from workbench.offload.policy import Budget, Policy, Split, check_disk_dir, parse_bytes
     from workbench.offload.schedule import OffloadedModel
+
+    clock, phases = time.perf_counter(), {}
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        phases[name] = round(now - clock, 2)
+        clock = now
 
     device = bench_device(args)
     dtype = ((torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto"
@@ -70,8 +105,10 @@ def run(args: argparse.Namespace) -> dict:
     for s in schedules:
         if s not in ("block", "row"):
             raise WorkbenchError(f"--schedules: unknown schedule {s!r} (block, row)")
+    row_set = (None if args.row_batchings == "all"
+               else {Batching.parse(t) for t in args.row_batchings.split(",")})
     acc_batches = ([] if args.accelerate_batches == "none"
-                   else [int(x) for x in args.accelerate_batches.split(",")])
+                   else _ints(args.accelerate_batches, "--accelerate-batches"))
     budget = Budget(parse_bytes(args.budget),
                     args.disk_dir or Path(tempfile.mkdtemp(prefix="workbench-offload-")))
     is_preset = str(args.model).startswith(PRESET_PREFIX)
@@ -86,48 +123,99 @@ def run(args: argparse.Namespace) -> dict:
 
     def policy(weights: Split, b: Batching, schedule: str = "block") -> Policy:
         return Policy(weights=weights, kv=kv, gpu_batch_size=b.gpu_batch_size,
-                      num_gpu_batches=b.num_gpu_batches, schedule=schedule,
+                      num_gpu_batches=max(1, b.num_gpu_batches), schedule=schedule,
                       cpu_attention=args.cpu_attention, compress_weights=args.compress_weights)
 
+    def fits(p: Policy) -> bool:
+        return plan_memory(p, config, dtype, device.type, P, G).fast_total <= budget.fast_bytes
+
     weights = _choose_weights(args.weights, device, lambda w: all(
-        plan_memory(policy(w, b), config, dtype, device.type, P, G).fast_total <= budget.fast_bytes
-        for b in batchings))
-    for b in batchings:  # a clear error before any work if something does not fit
+        fits(policy(w, b)) for b in batchings))  # Bxmax counts as Bx1 here
+    resolved = []
+    for b in batchings:
+        if not b.num_gpu_batches:
+            n = max_num_batches(policy(weights, b), config, dtype, device.type, budget.fast_bytes,
+                                P, G)
+            if n < 1:
+                raise WorkbenchError(f"batching {b.label}: not one batch of {b.gpu_batch_size} "
+                                     f"fits the budget with weights {weights.label}")
+            b = Batching(b.gpu_batch_size, n)
+        resolved.append(b)
+    for b in resolved:  # a clear error before any work if something does not fit
         check_policy(policy(weights, b), config, dtype, budget, device.type, P, G)
-    cal = calibrate(config, dtype, device, budget.disk_dir, quick=args.smoke)
+    check_disk_dir(budget.disk_dir)  # the calibration reads files there, whatever the policy
+    phase("plan_s")
+    cal, cal_details = calibrate_with_probes(config, dtype, device, budget.disk_dir, weights,
+                                             quick=args.smoke)
+    pageable = measure_h2d(device, pinned=False) if device.type == "cuda" else None
+    gc.collect()
+    left = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    phase("calibrate_s")
     init = args.init_device or (device.type if is_preset else "cpu")
-    om = OffloadedModel.build(model if model is not None else config, policy(weights, batchings[0]),
+    om = OffloadedModel.build(model if model is not None else config, policy(weights, resolved[0]),
                               budget, device, P, G, dtype=dtype, init_device=init)
     model = None  # the store holds the weights now
-    om.generate(random_prompts(batchings[0].gpu_batch_size * batchings[0].num_gpu_batches, P,
-                               config.vocab_size, seed=99), 2)  # warm-up
+    phase("build_s")
     streamed = sum(om.store.streamed_bytes(u)[1 if device.type == "cuda" else 0]
                    for u in range(len(om.store.units)))
-    policies = [policy(weights, b, s) for b in batchings for s in schedules
-                if s == "block" or b.num_gpu_batches > 1]
+    policies = [policy(weights, b, s) for b in resolved for s in schedules
+                if s == "block" or (b.num_gpu_batches > 1
+                                    and (row_set is None or b in row_set
+                                         or Batching(b.gpu_batch_size, 0) in row_set))]
     rows = run_policies(om, policies, cal, P, G, streamed, progress=not args.no_progress)
-    accelerate = {}
-    if acc_batches:
-        rows_acc, accelerate = _accelerate(om, acc_batches, P, G, device, budget, cal, args)
-        rows += rows_acc
+    weight_bytes = om.weight_bytes
+    phase("ours_s")
+    hf = None
+    if acc_batches and not args.compress_weights:
+        from workbench.baselines.accelerate import hf_from_store
+
+        hf = hf_from_store(om.store)  # a CPU copy of the same weights
     om.close()
+    del om  # our device memory goes back before Accelerate runs: each peak is its own
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    accelerate = ({"skipped": "compressed weights"} if args.compress_weights and acc_batches
+                  else {})
+    if hf is not None:
+        rows_acc, accelerate = _accelerate(hf, config, dtype, acc_batches, P, G, device, budget,
+                                           cal, weight_bytes, args)
+        rows += rows_acc
+        phase("accelerate_s")
+    calibration = {**cal.to_dict(), "disk_GB_s": cal.disk_Bps / 1e9,
+                   "h2d_pinned_GB_s": cal.h2d_Bps / 1e9 if device.type == "cuda" else None,
+                   "h2d_pageable_GB_s": pageable / 1e9 if pageable else None,
+                   "layer_fixed_ms": cal.layer_fixed_s * 1e3,
+                   "layer_TFLOP_s": cal.layer_flop_rate(config) / 1e12}
     report = {"benchmark": "offload", "hardware": detect(device).stamp(), "model": args.model,
               "dtype": str(dtype).removeprefix("torch."), "date": datetime.date.today().isoformat(),
               "workload": {"prompt_len": P, "gen_len": G, "prompts": "random token ids",
                            "greedy": True, "ignore_eos": True},
               "budget_bytes": budget.fast_bytes, "weights_split": weights.label,
-              "weight_bytes": om.weight_bytes, "streamed_bytes_per_step": streamed,
-              "calibration": {"disk_GB_s": cal.disk_Bps / 1e9,
-                              "h2d_pinned_GB_s": cal.h2d_Bps / 1e9 if device.type == "cuda" else None,
-                              "h2d_pageable_GB_s": (measure_h2d(device, pinned=False) / 1e9
-                                                    if device.type == "cuda" else None),
-                              "layer_fixed_ms": cal.layer_fixed_s * 1e3,
-                              "layer_TFLOP_s": cal.layer_flop_rate(config) / 1e12},
+              "weight_bytes": weight_bytes, "streamed_bytes_per_step": streamed,
+              "calibration": calibration, "calibration_details": cal_details,
+              "device_bytes_after_calibration": left,
               "accelerate": accelerate, "results": rows}
     report["bars"] = bars(rows)
+    report["cost_model_refit"] = _refit(report)
+    phase("report_s")
+    report["phases_s"] = phases
     write_report(report, args.json)
     _print(report)
     return report
+
+
+def _refit(report: dict) -> dict | None:
+    """The cost model fitted to this run's own rows (in-sample and leave-one-out; labelled so)."""
+    from workbench.offload.report import refit
+
+    if len([r for r in report["results"] if r["system"].startswith("workbench/")]) < 3:
+        return None
+    try:
+        return {"note": "in-sample: fitted to these rows; the bar uses the a-priori predictions",
+                **refit(report)}
+    except Exception as err:  # an analysis of the rows: it must never cost the run's JSON
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def _choose_weights(text: str, device: torch.device, fits):
@@ -144,32 +232,66 @@ def _choose_weights(text: str, device: torch.device, fits):
                          "or use smaller batchings")
 
 
-def _accelerate(om, batches, P, G, device, budget, cal, args):
-    from workbench.baselines.accelerate import dispatch, hf_from_store, placement_summary
-    from workbench.offload.bench import accelerate_rows
-    from workbench.offload.policy import Policy, Split, plan_memory
+def _accelerate(hf, config, dtype, batches, P, G, device, budget, cal, weight_bytes, args):
+    """Accelerate at each batch size, each dispatched with the most weights on the device that
+    leave room for that batch: ``max_memory`` = budget - estimate of what it does not cover (KV
+    cache, activations, logits, library workspaces), lowered by the excess while a probe run's
+    measured peak is over the budget (at most 3 dispatches per batch size)."""
+    from workbench.baselines.accelerate import cpu_state
 
-    if om.policy.compress_weights:
-        return [], {"skipped": "compressed weights"}
-    # Accelerate keeps the KV cache on the device: reserve room for it and for the temporaries
-    full = Policy(weights=Split(0, 100, 0), gpu_batch_size=max(batches))
-    plan = plan_memory(full, om.config, om.store.dtype, device.type, P, G)
-    reserve = plan.kv + plan.activations + plan.workspace
-    fast = budget.fast_bytes - reserve
-    hf = hf_from_store(om.store)
-    folder = Path(budget.disk_dir) / "accelerate"
-    hf, device_map = dispatch(hf, device, fast, folder)
-    evict = folder if "disk" in device_map.values() else None  # cold disk reads, as ours
-    from workbench.baselines.accelerate import run_accelerate
-    from workbench.offload.bench import random_prompts
-
-    run_accelerate(hf, random_prompts(1, P, om.config.vocab_size, seed=98), 2, device)  # warm-up
-    rows = accelerate_rows(hf, batches, P, G, om.config.vocab_size, device, budget.fast_bytes,
-                           om.weight_bytes, cal, progress=not args.no_progress, evict=evict)
-    info = {"max_memory_weights_bytes": fast, "reserved_for_kv_and_temporaries_bytes": reserve,
-            "layers": placement_summary(device_map, om.config.num_hidden_layers)}
-    del hf
+    state, folder = cpu_state(hf), Path(budget.disk_dir) / "accelerate"
+    rows, info = [], {"note": "one dispatch per batch size; see attempts", "attempts": []}
+    for b in batches:
+        try:  # the first batch size dispatches the model given, the others rebuild it from state
+            rows.append(_accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device,
+                                          budget, cal, weight_bytes))
+        except Exception as err:  # a failed baseline run must not cost our rows: record it
+            info.setdefault("errors", {})[str(b)] = f"{type(err).__name__}: {err}"
+        hf = None
     return rows, info
+
+
+def _accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device, budget, cal,
+                      weight_bytes) -> dict:
+    """One batch size of :func:`_accelerate`: its row; every model it dispatched is released."""
+    from workbench.baselines.accelerate import (dispatch, hf_from_state, placement_summary,
+                                                release, run_accelerate)
+    from workbench.offload.bench import accelerate_rows, random_prompts
+    from workbench.offload.memory import plan_memory
+    from workbench.offload.policy import Policy, Split
+
+    plan = plan_memory(Policy(weights=Split(0, 100, 0), gpu_batch_size=b), config, dtype,
+                       device.type, P, G)
+    estimate = plan.kv + plan.activations + plan.workspace + plan.logits + plan.runtime
+    max_memory = budget.fast_bytes - estimate
+    probe_prompts = random_prompts(b, P, config.vocab_size, seed=98)
+    model = None
+    try:
+        for attempt in range(3):
+            model = hf if attempt == 0 and hf is not None else hf_from_state(config, state, dtype)
+            where = folder / f"batch{b}-{attempt}"  # a fresh offload folder for each dispatch
+            model, device_map = dispatch(model, device, max(max_memory, 0), where)
+            evict = where if "disk" in device_map.values() else None  # cold disk reads, as ours
+            probe = run_accelerate(model, probe_prompts, 2, device, evict=evict)  # + warm-up
+            info["attempts"].append({
+                "batch": b, "max_memory_bytes": max_memory, "overhead_estimate_bytes": estimate,
+                "probe_peak_fast_bytes": probe.peak_fast_bytes,
+                "weights_on_device_bytes": probe.fast_bytes_at_start,
+                "layers": placement_summary(device_map, config.num_hidden_layers)})
+            if probe.peak_fast_bytes is None or probe.peak_fast_bytes <= budget.fast_bytes \
+                    or attempt == 2:
+                break
+            release(model)
+            model = None
+            shutil.rmtree(where, ignore_errors=True)
+            max_memory -= probe.peak_fast_bytes - budget.fast_bytes + budget.fast_bytes // 50
+        row = accelerate_rows(model, [b], P, G, config.vocab_size, device, budget.fast_bytes,
+                              weight_bytes, cal, progress=False, evict=evict, warmed=(b,))[0]
+        return {**row, "max_memory_bytes": max_memory, "layers": info["attempts"][-1]["layers"]}
+    finally:
+        if model is not None:
+            release(model)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _print(report: dict) -> None:
@@ -177,9 +299,18 @@ def _print(report: dict) -> None:
           f"budget {report['budget_bytes'] / 2**30:.2f} GiB, weights {report['weights_split']}")
     for r in report["results"]:
         pred = r.get("predicted_decode_step_s")
-        print(f"{r['system']:<16} {r.get('policy', ''):<44} decode {r['decode_tok_s']:9.2f} tok/s  "
-              f"bound {r['bound_tok_s']:9.2f}  ({r['fraction_of_bound']:6.1%})"
-              + (f"  step pred/meas {pred * 1e3:8.1f}/{r['decode_step_s'] * 1e3:8.1f} ms"
-                 if pred is not None else ""))
+        peak = r.get("peak_fast_bytes")
+        print(f"{r['system']:<16} {r.get('policy', ''):<34} decode {r['decode_tok_s']:9.2f} tok/s  "
+              f"bound {r['bound_tok_s']:9.2f} ({r['fraction_of_bound']:6.1%})"
+              + (f"  step pred/meas {pred * 1e3:7.1f}/{r['decode_step_median_s'] * 1e3:7.1f} ms"
+                 if pred is not None else "")
+              + (f"  peak {peak / 2**30:.2f} GiB" if peak else "")
+              + (f" (plan {r['planned_fast_bytes'] / 2**30:.2f})" if "planned_fast_bytes" in r
+                 else ""))
     for k, v in report["bars"].items():
         print(f"  {k}: {v}")
+    refitted = report.get("cost_model_refit") or {}
+    if refitted.get("max_abs_fitted_error") is not None:
+        print(f"  cost model refit on these rows (in-sample): max |error| "
+              f"{refitted['max_abs_fitted_error']:.1%}, stalled: {refitted['stalled']}")
+    print(f"  phases (s): {report.get('phases_s')}")

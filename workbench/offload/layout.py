@@ -13,7 +13,7 @@ Taught in notebook ``06_offloading``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -58,17 +58,17 @@ def _itemsize(dtype: torch.dtype) -> int:
 def weight_units(config: ModelConfig) -> tuple[Unit, ...]:
     """The units of a model in execution order: embed, layers 0..L-1, head (cached: configs are
     frozen)."""
-    with torch.device("meta"):
-        model = LlamaModel(config)
+    with torch.device("meta"):  # one layer is enough: every layer has the same tensors
+        model = LlamaModel(replace(config, num_hidden_layers=min(1, config.num_hidden_layers)))
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     if config.tie_word_embeddings:  # named_parameters lists the tied matrix once, as the embedding
         shapes["lm_head.weight"] = shapes.pop("embed_tokens.weight")
     units = [Unit("embed", "embed", -1, tuple(Param(n, s) for n, s in shapes.items()
                                                 if n.startswith("embed_tokens.")))]
+    layer = [(n.removeprefix("layers.0."), s) for n, s in shapes.items() if n.startswith("layers.0.")]
     for i in range(config.num_hidden_layers):
-        prefix = f"layers.{i}."
         units.append(Unit(f"layer {i}", "layer", i,
-                          tuple(Param(n, s) for n, s in shapes.items() if n.startswith(prefix))))
+                          tuple(Param(f"layers.{i}.{n}", s) for n, s in layer)))
     units.append(Unit("head", "head", config.num_hidden_layers,
                       tuple(Param(n, shapes[n]) for n in ("norm.weight", "lm_head.weight"))))
     return tuple(units)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.offload.policy import staging_bytes
+from workbench.offload.memory import staging_bytes
 from workbench.offload.store import WeightStore
 
 
@@ -189,5 +189,7 @@ class UnitLoader:
                 self.freed[s] = freed
 
     def close(self) -> None:
+        """Stop the loader thread and drop the buffers (their memory returns to the allocator)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        self.buffer, self.staging = torch.empty(0, dtype=torch.uint8), []

@@ -12,10 +12,11 @@ It also fixes the batching: ``num_gpu_batches`` batches of ``gpu_batch_size`` ro
 batch* is their product) and the schedule: ``"row"`` loads each layer's weights once per batch
 (Accelerate, ZeRO-Inference), ``"block"`` once per block of batches (FlexGen's zig-zag block).
 
-:func:`plan_memory` adds up what a policy keeps in fast memory; :func:`check_policy` compares it with
-a :class:`Budget` ("pretend the GPU has 4 GiB") and raises :class:`WorkbenchError` *before any work*
-when the percentages do not add up, the budget is below one layer, the policy does not fit, or the
-disk folder cannot be written. Taught in notebook ``06_offloading``.
+:func:`~workbench.offload.memory.plan_memory` adds up what a policy keeps in fast memory;
+:func:`~workbench.offload.memory.check_policy` compares it with a :class:`Budget` ("pretend the GPU
+has 4 GiB") and raises :class:`WorkbenchError` *before any work* when the percentages do not add up,
+the budget is below one layer, the policy does not fit, or the disk folder cannot be written (here:
+:func:`check_disk_dir`). Taught in notebook ``06_offloading``.
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 from workbench.errors import WorkbenchError
-from workbench.model.config import ModelConfig
-from workbench.offload.layout import Unit, _itemsize, weight_units
+from workbench.offload.layout import Unit
 
 TIERS = ("gpu", "cpu", "disk")
 SCHEDULES = ("block", "row")
@@ -172,7 +171,12 @@ def param_tiers(policy: Policy, units: tuple[Unit, ...]) -> dict[str, str]:
 
 def kv_tiers(policy: Policy, num_layers: int) -> list[str]:
     """Tier of each layer's KV cache: the first ``gpu%`` of the layers on gpu, then cpu, disk."""
-    return policy.kv.assign([1] * num_layers)
+    return list(_even_tiers(policy.kv, num_layers))
+
+
+@lru_cache(maxsize=256)
+def _even_tiers(split: Split, count: int) -> tuple[str, ...]:
+    return tuple(split.assign([1] * count))
 
 
 def act_tiers(policy: Policy) -> list[str]:
@@ -180,121 +184,9 @@ def act_tiers(policy: Policy) -> list[str]:
     return policy.act.assign([1] * policy.num_gpu_batches)
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Bytes a policy keeps on each tier, and the fast-tier total that the budget must cover."""
-
-    resident_weights: int  # weight tensors kept on the fast tier
-    staging: int  # buffers that streamed units are loaded into (2 when loads overlap compute)
-    kv: int  # KV cache kept on the fast tier
-    activations: int  # hidden states kept on the fast tier between units
-    workspace: int  # an estimate of the temporaries of one unit's forward
-    host_bytes: int  # weights + KV on the cpu tier
-    disk_bytes: int  # weights + KV on the disk tier
-    layer_bytes: int  # one decoder layer's weights (the smallest budget that can work)
-
-    @property
-    def fast_total(self) -> int:
-        return self.resident_weights + self.staging + self.kv + self.activations + self.workspace
-
-    def rows(self) -> dict[str, int]:
-        return {"resident weights": self.resident_weights, "staging buffers": self.staging,
-                "KV cache": self.kv, "activations": self.activations,
-                "workspace": self.workspace}
-
-
-def _align(n: int, to: int = 4096) -> int:
-    return (n + to - 1) // to * to
-
-
-def _stored_bytes(param_numel: int, dtype: torch.dtype, compressed: bool) -> int:
-    """Bytes of one tensor as stored: 4-bit codes + an fp16 scale per 64 values when compressed."""
-    return param_numel // 2 + param_numel // 64 * 2 if compressed else param_numel * _itemsize(dtype)
-
-
-def plan_memory(policy: Policy, config: ModelConfig, dtype: torch.dtype, device_type: str,
-                prompt_len: int, gen_len: int) -> MemoryPlan:
-    """Add up the fast-tier bytes of ``policy`` for prompts of ``prompt_len`` + ``gen_len`` tokens.
-
-    On a CPU (``device_type == "cpu"``) the cpu tier is the same RAM as the gpu tier, so both count
-    against the budget, and only disk-tier weights are staged.
-    """
-    units, size = weight_units(config), _itemsize(dtype)
-    tiers = param_tiers(policy, units)
-    fast = ("gpu", "cpu") if device_type == "cpu" else ("gpu",)
-    staged_tiers = ("disk",) if device_type == "cpu" else ("cpu", "disk")
-    resident = host = disk = biggest_dense = 0
-    loads = []
-    for unit in units:
-        streamed = dense = 0
-        for p in unit.params:
-            tier = tiers[p.name]
-            offloaded = tier != "gpu" and policy.compress_weights and _compressible(p.shape)
-            stored = _stored_bytes(p.numel, dtype, offloaded)
-            resident += p.numel * size if tier in fast else 0
-            host += stored if tier == "cpu" else 0
-            disk += stored if tier == "disk" else 0
-            if tier in staged_tiers and unit.kind != "embed":  # embeddings are gathered, not staged
-                streamed += _align(stored)
-                dense += p.numel * size if offloaded else 0
-        loads.append(_align(streamed))
-        biggest_dense = max(biggest_dense, dense)  # dequantized weights of the unit computing
-    staging = staging_bytes(loads, policy.overlap) + biggest_dense
-    max_len = prompt_len + gen_len
-    h, L = config.hidden_size, config.num_hidden_layers
-    kv_layer = 2 * config.num_key_value_heads * config.head_dim * size * max_len \
-        * policy.effective_batch  # one layer, all batches
-    per_layer = kv_tiers(policy, L)
-    kv_fast = sum(kv_layer for t in per_layer if t in fast)
-    kv_host = sum(kv_layer for t in per_layer if t == "cpu")
-    kv_disk = sum(kv_layer for t in per_layer if t == "disk")
-    if any(t not in fast for t in per_layer) and not policy.cpu_attention:
-        kv_fast += kv_layer // policy.num_gpu_batches  # one batch's keys/values brought in to attend
-    b, T = policy.gpu_batch_size, prompt_len
-    act = sum(b * T * h * size for t in act_tiers(policy) if t in fast)
-    i, q = config.intermediate_size, config.num_attention_heads * config.head_dim
-    workspace = b * T * (3 * i + 4 * h + 2 * q) * size \
-        + b * config.num_attention_heads * T * max_len * 4 + b * config.vocab_size * 4
-    layer_bytes = units[1].nbytes(dtype) if L else 0
-    return MemoryPlan(resident, staging, kv_fast, act, workspace, host + kv_host, disk + kv_disk,
-                      layer_bytes)
-
-
-def staging_bytes(sizes: list[int], overlap: bool) -> int:
-    """Fast memory that loads need: the largest unit, or with overlap (double buffering from both
-    ends of one buffer) the largest sum of two units loaded one after the other, cyclically."""
-    sizes = [s for s in sizes if s]
-    if not sizes:
-        return 0
-    if not overlap:
-        return max(sizes)
-    if len(sizes) == 1:
-        return 2 * sizes[0]
-    return max(a + b for a, b in zip(sizes, sizes[1:] + sizes[:1]))
-
-
 def _compressible(shape: tuple[int, ...]) -> bool:
     """Matrices whose rows split into groups of 64 are stored 4-bit; norms stay dense."""
     return len(shape) == 2 and shape[-1] % 64 == 0
-
-
-def check_policy(policy: Policy, config: ModelConfig, dtype: torch.dtype, budget: Budget,
-                 device_type: str, prompt_len: int, gen_len: int) -> MemoryPlan:
-    """The memory plan of ``policy``, or a WorkbenchError saying why it cannot run in ``budget``."""
-    plan = plan_memory(policy, config, dtype, device_type, prompt_len, gen_len)
-    if budget.fast_bytes < plan.layer_bytes:
-        raise WorkbenchError(
-            f"fast-memory budget {format_bytes(budget.fast_bytes)} is below one decoder layer "
-            f"({format_bytes(plan.layer_bytes)}): a layer's weights must fit to compute it")
-    if plan.fast_total > budget.fast_bytes:
-        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in plan.rows().items() if v)
-        raise WorkbenchError(
-            f"policy '{policy.label}' needs {format_bytes(plan.fast_total)} of fast memory ({parts})"
-            f" but the budget is {format_bytes(budget.fast_bytes)}: lower the gpu percentages or "
-            f"the batch size")
-    if policy.uses_disk:
-        check_disk_dir(budget.disk_dir)
-    return plan
 
 
 def check_disk_dir(path: str | Path | None) -> Path:

@@ -38,7 +38,8 @@ from workbench.model.rope import inverse_frequencies
 from workbench.offload.kvcache import ActivationStore, TieredKVCache
 from workbench.offload.layout import model_weight_bytes
 from workbench.offload.loader import Span, Timeline, UnitLoader
-from workbench.offload.policy import Budget, MemoryPlan, Policy, act_tiers, check_policy, kv_tiers
+from workbench.offload.memory import MemoryPlan, check_policy, cpu_peak_bytes
+from workbench.offload.policy import Budget, Policy, act_tiers, kv_tiers
 from workbench.offload.store import WeightStore
 
 
@@ -53,8 +54,19 @@ class OffloadRun:
     step_s: list[float]  # wall time of every step (step 0 is the prefill)
     bytes: dict[str, int]  # disk_read, h2d (weights), kv_h2d, kv_d2h, act_moved ...
     plan: MemoryPlan
-    peak_fast_bytes: int | None = None  # CUDA: peak allocated device memory during the run
+    peak_fast_bytes: int | None = None  # most fast-tier bytes allocated during the run (below)
+    fast_bytes_at_start: int | None = None  # fast-tier bytes allocated when the run began
+    peak_reserved_bytes: int | None = None  # CUDA: most bytes the caching allocator reserved
+    store_fast_bytes: int | None = None  # of those at start, this model's own weights
     timeline: list = field(default_factory=list)
+
+    @property
+    def own_peak_bytes(self) -> int | None:
+        """The peak without what *other* objects held on the device (e.g. another model): what
+        the plan bounds. Equals ``peak_fast_bytes`` when the run started on a clean device."""
+        if self.peak_fast_bytes is None:
+            return None
+        return self.peak_fast_bytes - self.fast_bytes_at_start + self.store_fast_bytes
 
     @property
     def seconds(self) -> float:
@@ -78,6 +90,14 @@ def _bind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
     for name, tensor in params.items():
         path, leaf = name.rsplit(".", 1)
         module.get_submodule(path)._parameters[leaf] = tensor  # plain tensors: inference only
+
+
+def _unbind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Forget the tensors of a unit that has computed: a skeleton still pointing at views of the
+    staging buffer (or at dequantized copies) would keep that memory alive after the run."""
+    for name in params:
+        path, leaf = name.rsplit(".", 1)
+        module.get_submodule(path)._parameters[leaf] = None
 
 
 class OffloadedModel:
@@ -119,10 +139,14 @@ class OffloadedModel:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, policy: Policy | None = None,
-                 trace: bool = False) -> OffloadRun:
+                 trace: bool = False, measure_memory: bool = False) -> OffloadRun:
         """Greedy generation for ``policy.effective_batch`` prompts (``num_gpu_batches`` batches of
         ``gpu_batch_size``, in order). ``policy`` may change the batching, schedule and KV/activation
-        placement, not the weights' (that is the store's)."""
+        placement, not the weights' (that is the store's).
+
+        The run's peak fast memory is always measured on CUDA (``max_memory_allocated``); on a CPU
+        with ``measure_memory`` (slow: the profiler's memory events), as the store's fast-tier
+        tensors plus the most bytes the run allocated on top of them."""
         pol = policy or self.policy
         if (pol.weights, pol.compress_weights) != (self.policy.weights, self.policy.compress_weights):
             raise WorkbenchError("the weights placement is fixed when the model is built: build "
@@ -138,10 +162,27 @@ class OffloadedModel:
         P = max(map(len, prompts))
         plan = check_policy(pol, self.config, self.store.dtype, self.budget, self.device.type,
                             P, max_new_tokens)
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            run = self._run(pol, prompts, max_new_tokens, plan, trace)
+            run.fast_bytes_at_start = start
+            run.peak_fast_bytes = torch.cuda.max_memory_allocated(self.device)
+            run.peak_reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+        elif measure_memory:
+            start = self.store.fast_tier_bytes()
+            run, extra = cpu_peak_bytes(lambda: self._run(pol, prompts, max_new_tokens, plan, trace))
+            run.fast_bytes_at_start, run.peak_fast_bytes = start, start + extra
+        else:
+            run = self._run(pol, prompts, max_new_tokens, plan, trace)
+        run.store_fast_bytes = self.store.fast_tier_bytes()
+        return run
+
+    def _run(self, pol: Policy, prompts: list[list[int]], max_new_tokens: int, plan: MemoryPlan,
+             trace: bool) -> OffloadRun:
+        cuda = self.device.type == "cuda"
+        P = max(map(len, prompts))
         counters: dict[str, int] = {}
         timeline = Timeline(self.device) if trace else None
         loader = UnitLoader(self.store, pol.overlap, timeline)
@@ -165,6 +206,8 @@ class OffloadedModel:
                 start = timeline.mark() if timeline is not None else None
                 for k in ks:
                     self._compute(u, params, k, batches[k], kvs[k], acts)
+                _unbind(self.skeleton, params)
+                del params  # before the loader makes the next unit's views (or dense copies)
                 if timeline is not None:
                     end = timeline.mark()
                     label = self.store.units[u].name
@@ -185,10 +228,9 @@ class OffloadedModel:
             acts.close()
             if disk is not None:
                 shutil.rmtree(disk, ignore_errors=True)
-        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
         spans = timeline.resolve() if timeline is not None else []
         return OffloadRun(pol, [ids for r in batches for ids in r.outputs], step_s[0],
-                          sum(step_s[1:]), step_s, {**loader.bytes, **counters}, plan, peak, spans)
+                          sum(step_s[1:]), step_s, {**loader.bytes, **counters}, plan, timeline=spans)
 
     def _compute(self, u: int, params: dict[str, torch.Tensor], k: int, row: _Row,
                  kv: TieredKVCache, acts: ActivationStore) -> None:

@@ -297,6 +297,12 @@ class WeightStore:
                 out[it.tier] += it.nbytes
         return out
 
+    def fast_tier_bytes(self) -> int:
+        """Bytes of weight tensors allocated in fast memory: the resident ones, and on a CPU-only
+        machine also the cpu tier's images (RAM there is the fast tier)."""
+        resident = sum(t.numel() * t.element_size() for t in self.resident.values())
+        return resident + (0 if self.cuda else sum(i.numel() for i in self.images if i is not None))
+
     def close(self) -> None:
         """Unmap and delete the disk tier's files."""
         for f in self.files:

@@ -6,6 +6,7 @@
   the y = x line and a +-25 % band.
 * :func:`plot_bytes_moved` - bytes each policy moves per step, by kind (disk reads, host-to-device).
 * :func:`plot_flash_io` - bytes and reads per token of dense, separate and bundled flash loading.
+* :func:`plot_memory` - planned against measured peak fast memory per run, with the budget line.
 
 Every function draws on ``ax`` (a new figure when None) and returns the Axes.
 """
@@ -20,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["plot_bytes_moved", "plot_flash_io", "plot_predicted_vs_measured",
+__all__ = ["plot_bytes_moved", "plot_flash_io", "plot_memory", "plot_predicted_vs_measured",
            "plot_schedule_timeline"]
 
 _LANES = ("disk", "copy", "compute")
@@ -59,8 +60,9 @@ def plot_schedule_timeline(spans: Sequence, ax: Axes | None = None, until_s: flo
 
 
 def plot_predicted_vs_measured(rows: Sequence[dict], ax: Axes | None = None,
-                               key: str = "decode_step_s") -> Axes:
-    """Rows with ``predicted_<key>`` and ``<key>`` (seconds) and a ``policy`` label."""
+                               key: str = "decode_step_s", flagged: Sequence[str] = ()) -> Axes:
+    """Rows with ``predicted_<key>`` and ``<key>`` (seconds) and a ``policy`` label; rows whose
+    label is in ``flagged`` (e.g. stalled runs) are drawn hollow."""
     ax = _axes(ax, (5, 5))
     pred = np.array([r[f"predicted_{key}"] for r in rows]) * 1e3
     meas = np.array([r[key] for r in rows]) * 1e3
@@ -69,9 +71,18 @@ def plot_predicted_vs_measured(rows: Sequence[dict], ax: Axes | None = None,
     ax.plot(xs, xs, "k-", lw=1, label="predicted = measured")
     ax.fill_between(xs, xs / 1.25, xs * 1.25, color="0.85", label="within 25 %")
     for i, r in enumerate(rows):
-        ax.scatter(meas[i], pred[i], color=f"C{i % 10}", zorder=3, label=r.get("policy", str(i)))
+        label = r.get("policy", str(i))
+        hollow = label in flagged
+        ax.scatter(meas[i], pred[i], zorder=3, label=label + (" (stalled)" if hollow else ""),
+                   facecolors="none" if hollow else f"C{i % 10}", edgecolors=f"C{i % 10}")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers at 1, 2, 5 x 10^k; no crowded minor labels
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("measured step time (ms)")
     ax.set_ylabel("predicted step time (ms)")
     ax.legend(fontsize=7, loc="upper left")
@@ -116,3 +127,23 @@ def plot_flash_io(plans_by_window: dict[int, Sequence], axes=None):
         ax.set_yscale("log")
         ax.legend(fontsize=8)
     return axes
+
+
+def plot_memory(rows: Sequence[dict], budget_bytes: int, ax: Axes | None = None) -> Axes:
+    """Grouped bars (GiB) per run: the plan it ran with (``planned_then``), the current planner's
+    plan (``plan_now``) and the measured peak (``peak_fast_bytes``); a line at the budget."""
+    ax = _axes(ax, (10, 3.8))
+    series = [("planned_then", "plan at the time", "0.75"), ("plan_now", "plan now", "C0"),
+              ("peak_fast_bytes", "measured peak", "C3")]
+    x = np.arange(len(rows))
+    width = 0.8 / len(series)
+    for j, (key, label, color) in enumerate(series):
+        values = [(r.get(key) or 0) / 2**30 for r in rows]
+        ax.bar(x + (j - 1) * width, values, width, label=label, color=color)
+    ax.axhline(budget_bytes / 2**30, color="black", ls="--", lw=1, label="budget")
+    ax.set_xticks(x, [r["policy"] if r["system"].startswith("workbench") else
+                      f"accelerate {r['policy']}" for r in rows], rotation=20, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("fast memory (GiB)")
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    return ax
