@@ -20,8 +20,9 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
-import torch
 
+from workbench.bench.batching import _sync as sync
+from workbench.bench.batching import weight_bytes
 from workbench.engine import ContinuousEngine, EngineConfig, Request, run_continuous
 from workbench.errors import WorkbenchError
 from workbench.kv.accounting import capacity_for_budget, kv_summary
@@ -62,11 +63,6 @@ def longest(requests: list[Request]) -> int:
     return max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def serve(model, requests: list[Request], config: EngineConfig, progress: bool = False):
     """Warm up (CUDA graphs captured, kernels loaded), then serve ``requests``: (run, engine)."""
     engine = ContinuousEngine(model, config)
@@ -87,7 +83,7 @@ def serve(model, requests: list[Request], config: EngineConfig, progress: bool =
 
 def step_floors(model, history: list[dict], roofline) -> dict:
     """The workload floor from the engine's step records, and where the measured time went."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     per_token = kv_bytes_per_token(model.config, model.dtype)
     flops_per_token = 2 * sum(p.numel() for p in model.parameters())
     split = {"decode_s": 0.0, "prefill_s": 0.0, "decode_floor_s": 0.0, "prefill_floor_s": 0.0,
@@ -144,7 +140,7 @@ def bench_throughput(model, hf_model, requests, bench: PagedBench, roofline,
 def bench_batch1(model, hf_model, prompt: tuple[int, ...], new_tokens: int, bench: PagedBench,
                  roofline, repeats: int = 3) -> list[dict]:
     """Decode tok/s of one request alone (median of ``repeats``), against its bandwidth limit."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     per_token = kv_bytes_per_token(model.config, model.dtype)
     mean_context = len(prompt) + new_tokens / 2
     limit = roofline.bandwidth / (weights + mean_context * per_token)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workbench.kv.paged import PagedKVCache
+from workbench.kv.paged import PagedKVCache, gather_blocks
 from workbench.model.llama import LlamaModel
 from workbench.model.rope import rope_cos_sin
 
@@ -59,10 +59,8 @@ def attention_in(x, residual, norm_w, w_qkv, b_qkv, cos, sin, eps: float, heads:
 def gather_attention(q, k_pool, v_pool, tables, mask):
     """The portable decode attention: gather each row's blocks, then SDPA. q [b, H, d] ->
     [b, H, d]; mask [b, 1, 1, S] additive."""
-    b, H, d = q.shape
-    nb, bs, Hkv = tables.shape[1], k_pool.shape[1], k_pool.shape[2]
-    keys = k_pool[tables].view(b, nb * bs, Hkv, d).transpose(1, 2)  # [b, Hkv, S, d]
-    values = v_pool[tables].view(b, nb * bs, Hkv, d).transpose(1, 2)
+    H, Hkv = q.shape[1], k_pool.shape[2]
+    keys, values = gather_blocks(k_pool, tables), gather_blocks(v_pool, tables)  # [b, Hkv, S, d]
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
                                          enable_gqa=H != Hkv)  # [b, H, 1, d]
     return out[:, :, 0]

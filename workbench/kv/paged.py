@@ -33,6 +33,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
             * torch.empty((), dtype=dtype).element_size())
 
 
+def gather_blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Blocks of each row of ``tables`` [B, nb] from ``pool`` [blocks, block_size, Hkv, d] as one
+    dense [B, Hkv, nb * block_size, d] (the portable paged read)."""
+    B, nb = tables.shape
+    blocks = pool[tables]  # [B, nb, block_size, Hkv, d]
+    return blocks.reshape(B, nb * pool.shape[1], *pool.shape[2:]).transpose(1, 2)
+
+
 class PagedKVCache(KVCache):
     """Block pools per layer; the packed batch's ``layout`` carries slots and block tables."""
 
@@ -78,10 +86,7 @@ class PagedKVCache(KVCache):
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def gather(self, pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-        """Blocks of each row of ``tables`` [B, nb] as one dense [B, Hkv, nb * block_size, d]."""
-        B, nb = tables.shape
-        blocks = pool[tables]  # [B, nb, block_size, Hkv, d]
-        return blocks.reshape(B, nb * self.block_size, *pool.shape[2:]).transpose(1, 2)
+        return gather_blocks(pool, tables)
 
     def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                 lay) -> torch.Tensor:
