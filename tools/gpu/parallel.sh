@@ -12,7 +12,8 @@
 #   bench_tp_graphs.json  bench tp --cuda-graphs (GPU only; optional: a failure here does not fail the job)
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
 #   parallel.log          everything printed
-# Every job has a timeout (the launcher stops all ranks if one fails or hangs). Target: < 8 min on 4 x H100.
+# Every stage has a timeout (the launcher stops all ranks if one fails or hangs); the stage limits add up to
+# 590 s, one device call. Order: bench tp, bench tp --cuda-graphs, bench pp, notebooks 04 and 05.
 set -u
 OUT=${OUT:-out/gpu-parallel}
 DEVICE=${DEVICE:-cuda}
@@ -35,34 +36,36 @@ fi
 if [ "$SMOKE" = 1 ]; then
     MODEL=bundled; TP=1,2; PP=1,2; MB=1,2; BS=1,4; PPBS=4; STEPS=4; CTX=16; NBSMOKE=True
 else
-    MODEL=preset:llama-3.1-8b; TP=1,2,4; PP=1,2,4; MB=1,2,4,8; BS=1,32; PPBS=32; STEPS=20; CTX=128; NBSMOKE=False
+    MODEL=preset:llama-3.1-8b; TP=1,2,4; PP=1,2,4; MB=1,2,4,8; BS=1,32; PPBS=32; STEPS=${STEPS:-20}; CTX=128; NBSMOKE=False
     if [ "$RANKS" -lt 4 ]; then TP=1,2; PP=1,2; fi
 fi
+# Per-stage limits (seconds): the whole job must fit one 10-minute device call.
+T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-120}; T_PP=${T_PP:-120}; T_NB=${T_NB:-100}
 fail=0
 start=$SECONDS
 step() { echo "== $1 ($(( SECONDS - start )) s)"; }
 
 step "bench tp"
-timeout 600 $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-    --steps $STEPS --device $DEVICE --timeout 500 --json "$OUT/bench_tp.json" || fail=1
-
-step "bench pp"
-timeout 600 $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
-    --context-len $CTX --steps $STEPS --device $DEVICE --timeout 500 --json "$OUT/bench_pp.json" || fail=1
+timeout $T_TP $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
+    --steps $STEPS --device $DEVICE --timeout $((T_TP - 10)) --json "$OUT/bench_tp.json" || fail=1
 
 if [ "$DEVICE" = cuda ]; then
-    step "bench tp --cuda-graphs (optional)"
-    timeout 300 $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-        --steps $STEPS --device $DEVICE --timeout 240 --cuda-graphs --json "$OUT/bench_tp_graphs.json" \
-        || echo "cuda-graph run failed (optional; the eager results stand)"
+    step "bench tp --cuda-graphs"
+    timeout $T_GRAPHS $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
+        --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --json "$OUT/bench_tp_graphs.json" \
+        || echo "cuda-graph run failed (the eager results stand)"
 fi
 
-for nb in 04_tensor_parallelism 05_pipeline_parallelism; do
+step "bench pp"
+timeout $T_PP $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
+    --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PP - 10)) --json "$OUT/bench_pp.json" || fail=1
+
+for nb in ${NOTEBOOKS:-04_tensor_parallelism 05_pipeline_parallelism}; do
     step "notebook $nb"
     extra=()
     if [ "$nb" = 05_pipeline_parallelism ]; then extra=(-p batch_size $PPBS); else extra=(-y "batch_sizes: [${BS}]"); fi
-    timeout 420 $PY -m papermill "notebooks/$nb.ipynb" "$OUT/$nb.$TAG.ipynb" --cwd notebooks -k python3 \
-        -p device $DEVICE -p ranks $RANKS -p timing_model $MODEL -p smoke $NBSMOKE -p timeout_s 360 \
+    timeout $T_NB $PY -m papermill "notebooks/$nb.ipynb" "$OUT/$nb.$TAG.ipynb" --cwd notebooks -k python3 \
+        -p device $DEVICE -p ranks $RANKS -p timing_model $MODEL -p smoke $NBSMOKE -p timeout_s $((T_NB - 20)) \
         "${extra[@]}" --no-progress-bar || fail=1
 done
 step "done, exit $fail"

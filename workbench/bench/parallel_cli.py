@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from workbench.hardware import detect, resolve_device
-    from workbench.parallel import ParallelConfig, launch
+    from workbench.parallel import ParallelConfig
     from workbench.parallel.measure import DecodeBench
 
     device = resolve_device(args.device)
@@ -84,12 +84,11 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise WorkbenchError(f"{world} ranks need {world} GPUs; this machine has "
                              f"{torch.cuda.device_count()}")
-    from workbench.parallel.measure import decode_worker
+    from workbench.parallel.measure import time_grids
 
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
                         dtype, cuda_graphs=getattr(args, "cuda_graphs", False))
-    rows = launch(decode_worker, world, bench, device=device.type, timeout_s=args.timeout,
-                  threads=args.threads)[0]
+    rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
     report = {"benchmark": args.bench_name, "hardware": detect(device).stamp() | {

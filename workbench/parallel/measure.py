@@ -220,3 +220,26 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
         row |= {k: ranks[0][k] for k in ("graph_step_ms", "graph_max_abs_logit_diff")}
         row["graph_over_floor"] = ranks[0]["graph_step_ms"] / 1e3 / floor
     return row
+
+
+def time_grids(bench: DecodeBench, device: str, timeout_s: float, threads: int = 1) -> list[dict]:
+    """Time every grid of ``bench``, one job per world size, so each grid uses every rank of its
+    job; returns the rows in grid order of world size.
+
+    On NCCL, a job whose grids left ranks idle (TP 1 and 2 in a 4-rank job) ran past its timeout on
+    4 H200s (2026-11-27), while jobs whose grids all used every rank ran. ``timeout_s`` is shared.
+    """
+    import dataclasses
+
+    from workbench.errors import WorkbenchError
+    from workbench.parallel.launch import launch
+
+    rows, deadline = [], time.monotonic() + timeout_s
+    for size in sorted({g.world_size for g in bench.grids}):
+        part = dataclasses.replace(bench, grids=tuple(g for g in bench.grids if g.world_size == size))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WorkbenchError(f"timeout of {timeout_s:g} s spent before the {size}-rank grids")
+        rows += launch(decode_worker, size, part, device=device, timeout_s=left, threads=threads)[0]
+    return rows
+
