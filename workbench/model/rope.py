@@ -19,7 +19,9 @@ from workbench.model.config import ModelConfig, RopeScaling
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     """``inv_freq`` [d/2] in float32, scaled as Llama 3.1 does when ``rope_scaling`` is set."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # on the CPU even inside ``with torch.device("meta")`` (a meta division imports torch._dynamo: 2.4 s)
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d  # [d/2]
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
     if config.rope_scaling is not None:
         inv_freq = _llama3_scale(inv_freq, config.rope_scaling)
     return inv_freq
