@@ -1,4 +1,4 @@
-"""``python -m workbench`` (also installed as ``workbench``): info, generate, bench, notebooks.
+"""``python -m workbench`` (also installed as ``workbench``): info, generate, bench, notebooks, labs.
 
 Bad input ends with one line on stderr (``workbench: error: ...``) and exit code 2, never a
 traceback; ``--debug`` shows the traceback of unexpected failures.
@@ -83,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto")
     run.add_argument("--smoke", action="store_true", help="small sizes, for a quick check")
     run.add_argument("--only", default=None, help="run only notebooks whose name contains this")
+
+    labs = sub.add_parser("labs", help="classroom labs: student notebooks, grading")
+    labs_sub = labs.add_subparsers(dest="labs_command", required=True, parser_class=_Parser)
+    build = labs_sub.add_parser("build", help="generate labs/student/ and labs/answer_key.md "
+                                              "from labs/solutions/")
+    build.add_argument("--check", action="store_true",
+                       help="write nothing; exit 1 listing the generated files that drifted")
+    build.add_argument("--labs-dir", type=Path, default=None, help="default: the repository's labs/")
+    grade = labs_sub.add_parser("grade", help="execute submitted lab notebooks and grade them")
+    grade.add_argument("paths", nargs="+", help="notebooks, or folders searched for *.ipynb")
+    grade.add_argument("--json", type=Path, default=None, help="also write the grades as JSON")
+    grade.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds per cell before it is interrupted (default 300)")
+    grade.add_argument("--jobs", type=int, default=1, help="notebooks graded at once (processes)")
+    grade.add_argument("--labs-dir", type=Path, default=None, help="default: the repository's labs/")
+    labs_sub.add_parser("list", help="every exercise with its lab and plug-in point")
     return parser
 
 
@@ -123,14 +139,20 @@ def cmd_notebooks(args: argparse.Namespace) -> None:
     run_notebooks(out=args.out, device=args.device, smoke=args.smoke, only=args.only)
 
 
+def cmd_labs(args: argparse.Namespace) -> int:
+    from workbench.labs.cli import run_labs
+
+    return run_labs(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
         commands = {"info": cmd_info, "generate": cmd_generate, "bench": cmd_bench,
-                    "notebooks": cmd_notebooks}
-        commands[args.command](args)
+                    "notebooks": cmd_notebooks, "labs": cmd_labs}
+        code = commands[args.command](args)
     except WorkbenchError as err:
         print(f"workbench: error: {err}", file=sys.stderr)
         return 2
@@ -144,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workbench: unexpected error: {type(err).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return code or 0

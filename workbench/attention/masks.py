@@ -26,10 +26,12 @@ from collections.abc import Sequence
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.plug import pluggable
 
 Device = torch.device | str
 
 
+@pluggable("masks.causal")  # lab 01: a student's mask can run in the engine
 def causal_mask(T: int, S: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """[T, S] lower-triangular mask for T queries that are the last T of S keys."""
     S = T if S is None else S
@@ -37,6 +39,7 @@ def causal_mask(T: int, S: int | None = None, device: torch.device | str = "cpu"
     return torch.arange(S, device=device)[None, :] <= q  # [T, S]
 
 
+@pluggable("masks.padded")
 def padded_causal_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     """Causal mask over rows with pad columns hidden: valid [B, S] -> [B, 1, T, S].
 
@@ -148,6 +151,7 @@ def segment_mask(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor,
     return mask
 
 
+@pluggable("masks.packed")
 def packed_causal_mask(query_lens: Sequence[int], context_lens: Sequence[int] | None = None,
                        window: int | None = None, device: Device = "cpu") -> torch.Tensor:
     """Block-diagonal causal mask [1, 1, N, S] of a packed batch (N = sum(query_lens),

@@ -25,6 +25,7 @@ from workbench.engine.sampling import SamplingParams, sample
 from workbench.engine.paged_scheduler import PagedScheduler
 from workbench.engine.scheduler import EngineConfig, Scheduler, Sequence, Step
 from workbench.errors import WorkbenchError
+from workbench.kv.blocks import slot_mapping as paged_slots
 from workbench.kv.paged import PagedKVCache
 from workbench.kv.slots import SlotKVCache
 from workbench.model.batch import ForwardBatch, PackedLayout
@@ -169,8 +170,7 @@ class ContinuousEngine:
             ids += seq.tokens[start:start + n]
             positions += range(start, start + n)
             if paged:
-                table = seq.block_table
-                slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                slot_mapping += paged_slots(seq.block_table, start, n, bs)
             else:
                 slot_mapping += [seq.slot] * n
             if start + n == len(seq.tokens):  # all its tokens cached after this step

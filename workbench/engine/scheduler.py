@@ -5,7 +5,8 @@ Every step the scheduler rebuilds the batch from scratch:
 1. each running sequence that is decoding contributes its one newest token;
 2. a running sequence still in its (chunked) prefill contributes its next chunk;
 3. waiting requests are admitted, first come first served, while a KV slot is free, fewer than
-   ``max_num_seqs`` run, and the step's token budget ``max_num_batched_tokens`` is not spent.
+   ``max_num_seqs`` run, and the step's token budget ``max_num_batched_tokens`` is not spent
+   (:func:`admit`, the plug-in point of lab 02).
 
 So a finished sequence's slot is refilled at the very next step, instead of idling until the whole
 batch ends as in static batching. Taught in notebook 02.
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 
 from workbench.engine.requests import Request, RequestTrace
 from workbench.errors import WorkbenchError
+from workbench.plug import pluggable
 
 
 KV_LAYOUTS = ("contiguous", "paged")
@@ -122,6 +125,31 @@ class Step:
         return [(s, 1) for s in self.decodes] + self.prefills
 
 
+@pluggable("batching.admit")  # lab 02: a student's admission step can run in the engine
+def admit(prompt_lens: list[int], free_slots: int, token_budget: int,
+          chunked_prefill: bool = False) -> list[int]:
+    """The admission step: how many prompt tokens each waiting request prefills this step.
+
+    ``prompt_lens`` are the waiting requests' prompt lengths, oldest first; ``free_slots`` the KV
+    slots free (``max_num_seqs`` minus the running sequences); ``token_budget`` what is left of
+    ``max_num_batched_tokens`` after this step's decodes and chunks under way. Requests join first
+    come, first served, each taking a slot and ``min(prompt_len, budget left)`` tokens, while a
+    slot is free and the budget is positive. Without chunked prefill a prompt must fit whole:
+    the first one that does not stops admission (no overtaking, so it cannot starve). Returns the
+    token counts of the admitted requests, which are the first ``len(result)`` of the queue.
+    Taught in notebook 02 (continuous batching).
+    """
+    chunks: list[int] = []
+    for prompt_len in prompt_lens:
+        if len(chunks) == free_slots or token_budget <= 0:
+            break
+        if prompt_len > token_budget and not chunked_prefill:
+            break  # first come, first served: wait for a step with room for the whole prompt
+        chunks.append(min(prompt_len, token_budget))
+        token_budget -= chunks[-1]
+    return chunks
+
+
 class Scheduler:
     """Waiting queue, running set and free slots; ``schedule`` picks the next step's work."""
 
@@ -148,16 +176,13 @@ class Scheduler:
                 n = min(seq.prompt_len - seq.num_cached, budget)
                 prefills.append((seq, n))
                 budget -= n
-        while self.waiting and self.free_slots and budget > 0:
-            seq = self.waiting[0]
-            if seq.prompt_len > budget and not self.config.chunked_prefill:
-                break  # first come, first served: wait for a step with room for the prompt
-            self.waiting.popleft()
+        # no more can join than there are free slots: look at that many waiting requests
+        heads = [s.prompt_len for s in islice(self.waiting, len(self.free_slots))]
+        for n in admit(heads, len(self.free_slots), budget, self.config.chunked_prefill):
+            seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop()
             self.running.append(seq)
-            n = min(seq.prompt_len, budget)
             prefills.append((seq, n))
-            budget -= n
         return Step(decodes, prefills)
 
     def finish(self, seq: Sequence) -> None:

@@ -26,6 +26,21 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from workbench.errors import WorkbenchError
+from workbench.plug import pluggable
+
+
+@pluggable("paged.slots")  # lab 03: a student's lookup can run in the engine
+def slot_mapping(block_table: list[int], start: int, num_tokens: int,
+                 block_size: int) -> list[int]:
+    """Pool slots of a sequence's tokens ``start .. start + num_tokens - 1``: the block-table lookup.
+
+    Token ``t`` lives in block ``block_table[t // block_size]`` at offset ``t % block_size``, so its
+    slot in the pool (viewed as ``[num_blocks * block_size, ...]``) is
+    ``block_table[t // block_size] * block_size + t % block_size``. The engine computes where each
+    new token's key and value are written with it, every step (notebook 03).
+    """
+    return [block_table[t // block_size] * block_size + t % block_size
+            for t in range(start, start + num_tokens)]
 
 
 def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:

@@ -17,7 +17,9 @@ with ``s0`` the fixed cost of a step (embedding gather, end-of-step synchronizat
 parameters come from measurements on this machine (:mod:`workbench.offload.calibrate`) or are
 fitted to measured runs (:mod:`workbench.offload.fit`). :func:`search` ranks every policy of a
 grid that fits the budget by predicted throughput (exhaustive search, FlexGen solves an LP over
-the same terms). Notebook ``06_offloading`` plots predicted against measured.
+the same terms). :func:`step_time` composes a step. Notebook ``06_offloading`` plots predicted
+against measured; lab 06 (``labs/solutions/lab06_offloading.ipynb``) has the student write
+:func:`step_time`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from workbench.offload.layout import _itemsize, weight_units
 from workbench.offload.memory import plan_memory
 from workbench.offload.policy import Budget, Policy, Split, kv_tiers
 from workbench.offload.store import unit_layout
+from workbench.plug import pluggable
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,24 @@ def _unit_bytes(config: ModelConfig, dtype: torch.dtype, weights: Split, compres
                  for j, unit in enumerate(weight_units(config)) if unit.kind != "embed")
 
 
+@pluggable("offload.step_time")
+def step_time(loads: list[float], comps: list[float], num_batches: int, schedule: str,
+              overlap: float) -> float:
+    """Seconds of one step over the units: unit j loads in ``loads[j]`` and computes one batch in
+    ``comps[j]``; a load overlaps the compute beside it, a share ``overlap`` (f) of the shorter one
+    hidden: ``o(l, c) = max(l, c) + (1 - f) min(l, c)``.
+
+        block: sum_j o(load_j, n comp_j)        row: n sum_j o(load_j, comp_j)
+    """
+    if schedule not in ("block", "row"):
+        raise WorkbenchError(f"schedule must be 'block' or 'row', got {schedule!r}")
+    n, f = num_batches, overlap
+    o = lambda load, comp: max(load, comp) + (1 - f) * min(load, comp)  # noqa: E731
+    if schedule == "block":
+        return sum(o(load, n * comp) for load, comp in zip(loads, comps))
+    return n * sum(o(load, comp) for load, comp in zip(loads, comps))
+
+
 def predict(policy: Policy, config: ModelConfig, dtype: torch.dtype, cal: Calibration,
             prompt_len: int, gen_len: int) -> Prediction:
     """Predicted prefill and decode-step times of ``policy`` for prompts of ``prompt_len``."""
@@ -115,7 +136,7 @@ def predict(policy: Policy, config: ModelConfig, dtype: torch.dtype, cal: Calibr
     units = _unit_bytes(config, dtype, policy.weights, policy.compress_weights)
 
     def step(tokens: int, context: int) -> float:
-        total = cal.step_fixed_s
+        loads, comps = [], []
         for kind, index, disk, slot, dense in units:
             load = disk / cal.disk_Bps + (slot / cal.h2d_Bps if cuda else 0.0)
             dequant = dense / cal.dequant_Bps
@@ -127,12 +148,10 @@ def predict(policy: Policy, config: ModelConfig, dtype: torch.dtype, cal: Calibr
                 if kv_tier[index] != "gpu" and cuda:
                     comp += (kv_bytes / cal.host_Bps if policy.cpu_attention
                              else kv_bytes / cal.h2d_Bps)
-            f = cal.overlap if policy.overlap else 0.0
-            if policy.schedule == "block":
-                total += max(load, n * comp) + (1 - f) * min(load, n * comp)
-            else:
-                total += n * (max(load, comp) + (1 - f) * min(load, comp))
-        return total
+            loads.append(load)
+            comps.append(comp)
+        f = cal.overlap if policy.overlap else 0.0
+        return cal.step_fixed_s + step_time(loads, comps, n, policy.schedule, f)
 
     return Prediction(policy, step(prompt_len, prompt_len), step(1, prompt_len + gen_len // 2),
                       gen_len)

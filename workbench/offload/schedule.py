@@ -15,7 +15,8 @@ with weights streaming at bandwidth ``BW``, a step costs at least ``offloaded by
 block schedule's throughput bound is ``n * b * BW / weight bytes`` tokens/s. The block schedule keeps
 each batch's hidden states between units (the activation tier) and a KV cache per batch.
 Greedy decoding, every row generating exactly ``max_new_tokens`` (FlexGen's benchmark setting).
-Taught in notebook ``06_offloading``.
+:func:`schedule_order` is the loop order the executor follows. Taught in notebook ``06_offloading``;
+lab 06 (``labs/solutions/lab06_offloading.ipynb``) has the student write :func:`schedule_order`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from workbench.offload.loader import Span, Timeline, UnitLoader
 from workbench.offload.memory import MemoryPlan, check_policy, cpu_peak_bytes
 from workbench.offload.policy import Budget, Policy, act_tiers, kv_tiers
 from workbench.offload.store import WeightStore
+from workbench.plug import pluggable
 
 
 @dataclass
@@ -98,6 +100,19 @@ def _unbind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
     for name in params:
         path, leaf = name.rsplit(".", 1)
         module.get_submodule(path)._parameters[leaf] = None
+
+
+@pluggable("offload.schedule")
+def schedule_order(schedule: str, num_units: int, num_batches: int) -> list[tuple[int, list[int]]]:
+    """One step of a schedule as the loader and the executor follow it: a list of
+    ``(unit, batches)``, each meaning *load unit ``unit``'s weights once, then compute it on each
+    of ``batches`` in order*. Row: for each batch, every unit (``num_batches * num_units`` loads);
+    block: for each unit, every batch (``num_units`` loads)."""
+    if schedule == "block":
+        return [(u, list(range(num_batches))) for u in range(num_units)]
+    if schedule == "row":
+        return [(u, [k]) for k in range(num_batches) for u in range(num_units)]
+    raise WorkbenchError(f"schedule must be 'block' or 'row', got {schedule!r}")
 
 
 class OffloadedModel:
@@ -196,13 +211,12 @@ class OffloadedModel:
         acts = ActivationStore(act_tiers(pol) if pol.schedule == "block" else ["gpu"] * n,
                                self.device, disk, b * P * self.config.hidden_size
                                * self.store.dtype.itemsize, counters)
-        units = range(len(self.store.units))
-        tasks = [(step, u, ks) for step in range(max_new_tokens)
-                 for u, ks in ([(u, list(range(n))) for u in units] if pol.schedule == "block"
-                               else [(u, [k]) for k in range(n) for u in units])]
+        order = schedule_order(pol.schedule, len(self.store.units), n)  # one step's loads
+        tasks = [(i == len(order) - 1, u, list(ks)) for _ in range(max_new_tokens)
+                 for i, (u, ks) in enumerate(order)]  # (ends its step, unit, batches)
         step_s, t_step = [], time.perf_counter()
         try:
-            for (step, u, ks), (_, params) in zip(tasks, loader.stream([t[1] for t in tasks])):
+            for (ends_step, u, ks), (_, params) in zip(tasks, loader.stream([t[1] for t in tasks])):
                 start = timeline.mark() if timeline is not None else None
                 for k in ks:
                     self._compute(u, params, k, batches[k], kvs[k], acts)
@@ -215,7 +229,7 @@ class OffloadedModel:
                         timeline.add("compute", label, start, end)
                     else:
                         timeline.spans.append(Span("compute", label, start, end))
-                if u == units[-1] and ks[-1] == n - 1:  # the step's last unit of its last batch
+                if ends_step:  # the step's last unit of its last batch
                     if cuda:
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()

@@ -3,8 +3,9 @@
 * :func:`split_matmul` - ``C = A B`` with B cut in ``n`` pieces by columns (each piece gives
   some columns of C: concatenate) or by rows (A cut by columns to match; each pair gives a
   partial C of full size: sum). Tensor parallelism is exactly this, one piece per device.
-* :func:`tensor_parallel_layer` - one real decoder layer of a model cut ``tp`` ways as
-  :mod:`workbench.parallel.tensor` cuts it (heads, MLP columns), its partial outputs summed
+* :func:`tensor_parallel_layer` - one real decoder layer of a model cut ``tp`` ways as the
+  ranks cut it (:func:`~workbench.parallel.shards.tp_slice`: heads, MLP columns), its partial
+  outputs summed
   where the all-reduces would sum them, checked equal to the layer itself.
 * :func:`pipeline_stages` - a model's layers split into stages, the hidden states handed from
   stage to stage, the logits checked equal to the whole model's.
@@ -24,6 +25,7 @@ from workbench.model.batch import ForwardBatch
 from workbench.model.llama import LlamaModel
 from workbench.model.rope import rope_cos_sin
 from workbench.parallel.plan import balanced_stages, shard_config
+from workbench.parallel.shards import tp_slice
 
 __all__ = ["MatmulSplit", "pipeline_stages", "split_matmul", "tensor_parallel_layer"]
 
@@ -65,11 +67,30 @@ def split_matmul(a: torch.Tensor, b: torch.Tensor, n: int = 2, how: str = "colum
     return MatmulSplit(how, a_parts, b_parts, partials, combined, a @ b)
 
 
+def _copy_shard(full: torch.nn.Linear, shard: torch.nn.Linear, name: str, tp: int, r: int) -> None:
+    """Copy rank ``r``'s slice of ``full`` (as :func:`~workbench.parallel.shards.tp_slice` cuts
+    checkpoint tensor ``name``) into ``shard``. A bias held whole is a row-parallel layer's: the
+    real layer adds it once, after the all-reduce, so here rank 0 adds it and the others add 0."""
+    for kind in ("weight", "bias"):
+        src = getattr(full, kind)
+        if src is None:
+            continue
+        cut = tp_slice(f"{name}.{kind}", tuple(src.shape), tp, r)
+        if cut is None:
+            value = src if r == 0 or kind == "weight" else torch.zeros_like(src)
+        else:
+            dim, start, end = cut
+            value = src.narrow(dim, start, end - start)  # rows (column-parallel) or columns (row-)
+        getattr(shard, kind).copy_(value)
+
+
 @torch.no_grad()
 def tensor_parallel_layer(model: LlamaModel, ids: torch.Tensor, layer: int = 0,
                           tp: int = 2) -> dict:
     """Layer ``layer`` of ``model`` on ``ids`` [B, T], whole and as ``tp`` head/column shards.
 
+    Each shard's weights are cut as the ranks cut them
+    (:func:`~workbench.parallel.shards.tp_slice`).
     Returns the attention and MLP partial outputs of each shard, their sums (what the two
     all-reduces of the layer compute), and the largest difference from the whole layer.
     """
@@ -82,33 +103,22 @@ def tensor_parallel_layer(model: LlamaModel, ids: torch.Tensor, layer: int = 0,
     x = model.embed(batch)  # [B, T, hidden]
     cos, sin = rope_cos_sin(model.inv_freq, batch.positions, x.dtype)
     h = block.input_layernorm(x)
-    q_rows, kv_rows = local.num_attention_heads * config.head_dim, local.num_key_value_heads * config.head_dim
     attn_parts, mlp_parts = [], []
     for r in range(tp):
-        attn = Attention(local, layer).to(x.dtype)
-        full = block.self_attn
-        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            getattr(attn, name).weight.copy_(getattr(full, name).weight[r * rows:(r + 1) * rows])
-            if getattr(full, name).bias is not None:
-                getattr(attn, name).bias.copy_(getattr(full, name).bias[r * rows:(r + 1) * rows])
-        attn.o_proj.weight.copy_(full.o_proj.weight[:, r * q_rows:(r + 1) * q_rows])
-        if attn.o_proj.bias is not None:  # a bias is added once, after the sum
-            attn.o_proj.bias.copy_(full.o_proj.bias if r == 0 else torch.zeros_like(full.o_proj.bias))
+        attn = Attention(local, layer).to(device=x.device, dtype=x.dtype)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _copy_shard(getattr(block.self_attn, name), getattr(attn, name),
+                        f"layers.{layer}.self_attn.{name}", tp, r)
         attn_parts.append(attn(h, cos, sin, batch, None))  # [B, T, hidden], partial
     attn_sum = torch.stack(attn_parts).sum(0)  # all-reduce 1
     attn_ref = block.self_attn(h, cos, sin, batch, None)
     y = x + attn_sum
     h2 = block.post_attention_layernorm(y)
-    cols = local.intermediate_size
     for r in range(tp):
-        mlp, full = MLP(local).to(x.dtype), block.mlp
-        for name in ("gate_proj", "up_proj"):
-            getattr(mlp, name).weight.copy_(getattr(full, name).weight[r * cols:(r + 1) * cols])
-            if getattr(full, name).bias is not None:
-                getattr(mlp, name).bias.copy_(getattr(full, name).bias[r * cols:(r + 1) * cols])
-        mlp.down_proj.weight.copy_(full.down_proj.weight[:, r * cols:(r + 1) * cols])
-        if mlp.down_proj.bias is not None:
-            mlp.down_proj.bias.copy_(full.down_proj.bias if r == 0 else torch.zeros_like(full.down_proj.bias))
+        mlp = MLP(local).to(device=x.device, dtype=x.dtype)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _copy_shard(getattr(block.mlp, name), getattr(mlp, name), f"layers.{layer}.mlp.{name}",
+                        tp, r)
         mlp_parts.append(mlp(h2))  # [B, T, hidden], partial
     out = y + torch.stack(mlp_parts).sum(0)  # all-reduce 2
     ref = block(x, cos, sin, batch, None)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
+from workbench.parallel.plugins import installed, pack_active
 
 __all__ = ["DistContext", "free_port", "in_sequence", "init_distributed", "launch", "shutdown"]
 
@@ -141,7 +142,8 @@ def _die_with_parent() -> None:
 
 
 def _child(fn: Callable, rank: int, world: int, port: int, device: str, backend: str,
-           timeout_s: float, threads: int, results: Any, args: tuple, kwargs: dict) -> None:
+           timeout_s: float, threads: int, results: Any, plugins: list, args: tuple,
+           kwargs: dict) -> None:
     _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -150,7 +152,8 @@ def _child(fn: Callable, rank: int, world: int, port: int, device: str, backend:
     code = 0
     try:
         ctx = init_distributed(device, backend, timeout_s)
-        results.put((rank, "ok", fn(ctx, *args, **kwargs)))
+        with installed(plugins):  # the parent's plug-in overrides (a lab's student function)
+            results.put((rank, "ok", fn(ctx, *args, **kwargs)))
         shutdown()
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent
         first = str(err).splitlines()[0] if str(err) else ""
@@ -188,7 +191,9 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
            **kwargs: Any) -> list[Any]:
     """Run ``fn(ctx, *args, **kwargs)`` on ``world_size`` new processes; their results by rank.
 
-    ``fn`` must be importable (a module-level function of a module, not a notebook cell). The job
+    ``fn`` must be importable (a module-level function of a module, not a notebook cell). Plug-in
+    overrides active here (:func:`workbench.plug.override`) are installed on every rank too
+    (:mod:`workbench.parallel.plugins`). The job
     fails as one: the first rank to raise or die, or ``timeout_s`` passing, stops every rank and
     raises WorkbenchError with the cause. ``collective_timeout_s`` bounds each collective inside
     (default: ``timeout_s``). ``threads``: torch CPU threads per rank (0 keeps torch's default).
@@ -197,12 +202,14 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
         raise WorkbenchError(f"world_size must be an integer >= 1, got {world_size!r}")
     if timeout_s <= 0:
         raise WorkbenchError(f"timeout_s must be > 0, got {timeout_s}")
+    plugins = pack_active()  # before any process starts: a function that cannot travel fails here
     mpc = mp.get_context("spawn")  # fork would copy this process's threads and CUDA state
     results = mpc.Queue()
     port = free_port()
     procs = [mpc.Process(target=_child, daemon=True, name=f"workbench-rank{rank}",
                          args=(fn, rank, world_size, port, device, backend,
-                               collective_timeout_s or timeout_s, threads, results, args, kwargs))
+                               collective_timeout_s or timeout_s, threads, results, plugins,
+                               args, kwargs))
              for rank in range(world_size)]
     out: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s

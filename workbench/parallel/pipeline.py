@@ -11,10 +11,12 @@ the pipeline fills and drains (GPipe)::
     stage 1 | . 1 2 3 4 . .        p = 3 stages, m = 4 micro-batches:
     stage 2 | . . 1 2 3 4          (m + p - 1) slots of time, p * m of them busy
 
-and with equal stage times the idle share, the *bubble*, is ``(p - 1) / (m + p - 1)``. Every
-stage records when it computed what (:class:`StageEvent`), so :func:`measured_bubble` compares the
-measured bubble with the formula. Decode steps are micro-batched the same way, each step a
-fill-drain of its own. Notebook 05 teaches it.
+(:func:`gpipe_timetable`: stage s runs micro-batch j in slot s + j, and each stage's forward pass
+runs its row of that table) and with equal stage times the idle share, the *bubble*, is
+``(p - 1) / (m + p - 1)``. Every stage records when it computed what (:class:`StageEvent`), so
+:func:`measured_bubble` compares the measured bubble with the formula. Decode steps are
+micro-batched the same way, each step a fill-drain of its own. Notebook 05 teaches it; lab 05
+(``labs/solutions/lab05_pipeline.ipynb``) has the student write the timetable and the bubble.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
 from workbench.model.llama import LlamaModel
 from workbench.parallel.plan import Mesh
+from workbench.plug import pluggable
 
-__all__ = ["StageEvent", "bubble_formula", "measured_bubble", "pipeline_forward", "split_rows"]
+__all__ = ["StageEvent", "bubble_formula", "gpipe_timetable", "measured_bubble", "pipeline_forward",
+           "split_rows", "timetable_events"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,27 @@ class StageEvent:
     kind: str = "decode"  # "prefill" or "decode"
 
 
+@pluggable("pipeline.timetable")
+def gpipe_timetable(p: int, m: int) -> list[list[tuple[int, int]]]:
+    """GPipe's forward fill-drain for ``p`` stages and ``m`` micro-batches: ``m + p - 1`` time
+    slots, slot t listing the (stage, micro-batch) pairs that run in it, by stage. Stage s runs
+    micro-batch j in slot ``s + j``: it must wait for stage s - 1 to finish j, and runs one
+    micro-batch at a time."""
+    return [[(s, t - s) for s in range(p) if 0 <= t - s < m] for t in range(m + p - 1)]
+
+
+def timetable_events(table: list[list[tuple[int, int]]], slot_s: float = 1.0) -> list[StageEvent]:
+    """A timetable as :class:`StageEvent` s of ``slot_s`` seconds each (for the timeline figure)."""
+    return [StageEvent(stage, 0, j, t * slot_s, (t + 1) * slot_s)
+            for t, slot in enumerate(table) for stage, j in slot]
+
+
 def bubble_formula(p: int, m: int) -> float:
     """GPipe's idle share with equal stages: ``(p - 1) / (m + p - 1)``."""
     return (p - 1) / (m + p - 1)
 
 
+@pluggable("pipeline.bubble")
 def measured_bubble(events: list[StageEvent], p: int) -> float:
     """Idle share of the p stages over each pass: ``1 - busy / (p * span)``, summed over passes.
 
@@ -118,9 +138,11 @@ def pipeline_forward(model: LlamaModel, mesh: Mesh, batch: ForwardBatch, kv: KVC
     micro-batch) and come from the previous one with a blocking ``recv``.
     """
     parts = split_rows(batch, micro_batches)
+    order = [j for slot in gpipe_timetable(mesh.pp, len(parts)) for s, j in slot if s == mesh.stage]
     clock = (lambda: _now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
     outputs, pending = [], []
-    for j, (rows, mb) in enumerate(parts):
+    for j in order:  # this stage's row of the GPipe timetable: micro-batches 0 .. m-1
+        rows, mb = parts[j]
         B, T = mb.input_ids.shape
         if mesh.first:
             t0 = clock()

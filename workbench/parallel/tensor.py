@@ -32,6 +32,7 @@ from workbench.model.config import ModelConfig
 from workbench.model.llama import LlamaModel
 from workbench.model.rope import inverse_frequencies
 from workbench.parallel.plan import Mesh, shard_config
+from workbench.plug import pluggable
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
            "build_rank_model", "vocab_range"]
@@ -72,9 +73,10 @@ class RowParallelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+@pluggable("tp.vocab_range")
 def vocab_range(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int]:
     """Rows ``[start, end)`` of the vocabulary rank ``tp_rank`` holds: ceil(V/tp) each, the last
-    one shorter when tp does not divide V."""
+    one shorter when tp does not divide V (and empty, ``start == end == V``, for ranks past it)."""
     per = -(-vocab_size // tp)
     return min(tp_rank * per, vocab_size), min((tp_rank + 1) * per, vocab_size)
 

@@ -16,7 +16,8 @@ The offset is stored as a float (FlexGen's ``min``), not as an integer zero poin
 Storage: int8 values take one byte each; 4-bit values are packed two per byte along the last
 dimension (element ``2j`` in the low nibble of byte ``j``, element ``2j + 1`` in the high nibble).
 ``group_size=None`` means one group per row: per output channel for a weight ``[out, in]``.
-Taught in notebook ``07_quantization``.
+Taught in notebook ``07_quantization``; lab 07 (``labs/solutions/lab07_quantization.ipynb``) has the
+student write :func:`group_scales` and :func:`group_codes`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.plug import pluggable
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -138,31 +140,54 @@ class QuantizedTensor:
                                self.config)
 
 
+@pluggable("quant.scales")
+def group_scales(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and offset of every group of ``x [..., G, size]`` (float32), in ``config.scale_dtype``.
+
+    symmetric:  s = max|x| / qmax, no offset (None)
+    asymmetric: z = min(x), s = (max(x) - z) / qmax
+    Rounded for storage so no value needs clamping: z down (``z - |z| eps``), s up (``* (1 + eps)``,
+    eps of the scale dtype, and at least its smallest normal value).
+    """
+    eps = torch.finfo(config.scale_dtype).eps  # > the relative rounding of the storage dtype
+    tiny = torch.finfo(config.scale_dtype).tiny
+    if config.symmetric:
+        zero = None
+        span = x.abs().amax(-1)  # [..., G]
+    else:
+        low = x.amin(-1)  # [..., G]
+        zero = (low - low.abs() * eps).to(config.scale_dtype)  # rounded down: zero <= min
+        span = x.amax(-1) - zero.float()
+    scale = (span / config.qmax * (1 + eps)).clamp(min=tiny).to(config.scale_dtype)  # rounded up
+    return scale, zero
+
+
+@pluggable("quant.codes")
+def group_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                config: QuantConfig) -> torch.Tensor:
+    """Integer codes (as float32) of ``x [..., G, size]`` on the grid of its group's ``scale`` and
+    ``zero`` (``[..., G]``): ``round((x - z) / s)``, clamped to ``[-qmax, qmax]`` (symmetric, no
+    offset) or ``[0, qmax]`` (asymmetric)."""
+    shifted = x if zero is None else x - zero.float().unsqueeze(-1)  # [..., G, size]
+    q = torch.round(shifted / scale.float().unsqueeze(-1))
+    low_code = -config.qmax if config.symmetric else 0
+    return q.clamp(low_code, config.qmax)  # clamping only guards rounding ulps
+
+
 def quantize(x: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
-    """Quantize floating-point ``x [..., K]`` group-wise along its last dimension."""
+    """Quantize floating-point ``x [..., K]`` group-wise along its last dimension
+    (:func:`group_scales`, then :func:`group_codes`, then packing)."""
     if not x.is_floating_point():
         raise WorkbenchError(f"can only quantize floating-point tensors, got {x.dtype}")
     if x.ndim == 0:
         raise WorkbenchError("cannot quantize a scalar: need at least one dimension")
     G, size = config.groups(x.shape[-1])
     xf = x.detach().float().unflatten(-1, (G, size))  # [..., G, size]
-    eps = torch.finfo(config.scale_dtype).eps  # > the relative rounding of the storage dtype
-    tiny = torch.finfo(config.scale_dtype).tiny
-    if config.symmetric:
-        zero = None
-        span = xf.abs().amax(-1)  # [..., G]
-    else:
-        low = xf.amin(-1)
-        zero = (low - low.abs() * eps).to(config.scale_dtype)  # rounded down: zero <= min
-        span = xf.amax(-1) - zero.float()
-    scale = (span / config.qmax * (1 + eps)).clamp(min=tiny).to(config.scale_dtype)  # rounded up
+    scale, zero = group_scales(xf, config)
     if not torch.isfinite(scale).all() or (zero is not None and not torch.isfinite(zero).all()):
         raise WorkbenchError(f"values of magnitude {x.abs().max().item():.3g} (or inf/nan) do "
                              f"not fit {config.scale_dtype} scales: use scale_dtype=torch.float32")
-    shifted = xf if zero is None else xf - zero.float().unsqueeze(-1)
-    q = torch.round(shifted / scale.float().unsqueeze(-1))
-    low_code = -config.qmax if config.symmetric else 0
-    q = q.clamp(low_code, config.qmax).flatten(-2)  # [..., K]; clamping only guards rounding ulps
+    q = group_codes(xf, scale, zero, config).flatten(-2)  # [..., K]
     if config.bits == 4:
         data = pack_int4((q + 8 if config.symmetric else q).to(torch.uint8))
     else:

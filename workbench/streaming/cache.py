@@ -46,6 +46,7 @@ from workbench.kv.base import KVCache
 from workbench.model.batch import ForwardBatch
 from workbench.model.config import ModelConfig
 from workbench.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from workbench.plug import pluggable
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,34 @@ class StreamingConfig:
     def capacity(self) -> int:
         """Tokens the cache holds at most (and the largest position + 1): sinks + window."""
         return self.sinks + self.window
+
+
+def kept_tokens(seen: int, sinks: int, window: int) -> list[int]:
+    """Stream indices held after ``seen`` tokens, in position order: the first ``sinks`` tokens
+    (fewer while the stream is shorter), then the last ``window`` tokens after them. Every other
+    token has been evicted; nothing is held twice. Lab 08."""
+    return list(range(min(seen, sinks))) + list(range(max(sinks, seen - window), seen))
+
+
+@pluggable("sinks.positions")  # lab 08: a student's positions can run in the decoding cache
+def slot_positions(seen: int, sinks: int, window: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cache positions [min(seen, sinks + window)] of the slots, in slot order, after ``seen`` tokens.
+
+    Slots 0..k-1 hold the sinks at positions 0..k-1. Slots k..k+w-1 are a ring: stream token
+    ``P >= k`` sits in slot ``k + (P - k) % w``. Before the cache is full slot s holds token s
+    at position s; once full, the window's tokens take positions k .. C - 1 (C = k + w) by age, the
+    newest (token ``seen - 1``) at C - 1: a slot whose token is ``age`` steps older than the newest
+    is at position ``C - 1 - age``. RoPE rotates each held key at its slot's position every decode
+    step (notebook 08).
+    """
+    C = sinks + window
+    slots = torch.arange(min(seen, C), device=device)  # [S]
+    if seen <= C:  # nothing evicted yet: slot s holds token s at position s
+        return slots
+    newest = sinks + (seen - 1 - sinks) % window  # the slot the newest token was written to
+    age = (newest - slots[sinks:]) % window  # [w] 0 for the newest token
+    return torch.cat([slots[:sinks], C - 1 - age])  # [C]
 
 
 class SinkKVCache(KVCache):
@@ -97,7 +126,6 @@ class SinkKVCache(KVCache):
         positions = torch.arange(self.capacity, device=device)[None]  # [1, C]
         self._cos, self._sin = rope_cos_sin(self.inv_freq, positions, dtype)  # [1, C, d] each
         self._slots = torch.arange(self.capacity, device=device)  # [C]
-        self._ring = self._slots[self.sinks:]  # [w] the window's slots
         self.seen = 0  # stream tokens fed so far
         self._rope: tuple | None = None  # this step's (seen, cos/sin of keys and query)
 
@@ -110,8 +138,7 @@ class SinkKVCache(KVCache):
 
     def token_indices(self) -> list[int]:
         """Stream indices of the held tokens in position order: sinks, then the window."""
-        k, n = self.sinks, self.seen
-        return list(range(min(n, k))) + list(range(max(k, n - self.window), n))
+        return kept_tokens(self.seen, self.sinks, self.window)
 
     def next_positions(self, num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Cache positions [1, T] of the next T tokens' queries: ``min(P, capacity - 1)``."""
@@ -133,13 +160,12 @@ class SinkKVCache(KVCache):
         per step: every layer uses the same)."""
         if self._rope is not None and self._rope[0] == self.seen:
             return self._rope[1:]
-        P, k, C = self.seen, self.sinks, self.capacity
+        P, C = self.seen, self.capacity  # token P is being written now
         if P < C:  # nothing evicted yet: slot s holds token s at position s
             cos_k, sin_k = self._cos[:, :P + 1], self._sin[:, :P + 1]
             cos_q, sin_q = self._cos[:, P:P + 1], self._sin[:, P:P + 1]
         else:  # full: the newest token is at position C - 1, the one before it at C - 2, ...
-            age = (self.slot_of(P) - self._ring) % self.window  # [w] 0 for the newest token
-            pos = torch.cat([self._slots[:k], C - 1 - age])  # [C] position of each slot
+            pos = slot_positions(P + 1, self.sinks, self.window, self._slots.device)  # [C]
             cos_k, sin_k = self._cos[:, pos], self._sin[:, pos]  # [1, C, d]
             cos_q, sin_q = self._cos[:, C - 1:], self._sin[:, C - 1:]
         tables = tuple(t.to(dtype) for t in (cos_k, sin_k, cos_q, sin_q))

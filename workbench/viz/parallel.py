@@ -6,6 +6,8 @@
   hand-overs between stages.
 * :func:`plot_pipeline_timeline` - a Gantt chart of each stage's micro-batches over time (the
   GPipe fill-drain), titled with the measured bubble and the formula's.
+* :func:`plot_timetable` - a timetable of equal slots (GPipe's, or a lab student's), drawn the
+  same way.
 * :func:`plot_bubble` - measured bubble against ``(p-1)/(m+p-1)`` for several micro-batch counts.
 * :func:`plot_step_times` - decode step time per configuration beside its floor.
 
@@ -18,13 +20,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from workbench.parallel.illustrate import MatmulSplit
-from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble,
+                                         timetable_events)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["plot_bubble", "plot_matrix_split", "plot_pipeline_timeline", "plot_stages",
-           "plot_step_times"]
+           "plot_step_times", "plot_timetable"]
 
 _COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
             "#8c8c8c"]
@@ -133,6 +136,18 @@ def plot_pipeline_timeline(events: Sequence[StageEvent], p: int, m: int | None =
     if m is not None:
         title += f", formula (p-1)/(m+p-1) = {bubble_formula(p, m):.2f} (p={p}, m={m})"
     ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_timetable(table: Sequence[Sequence[tuple[int, int]]], ax: Axes | None = None) -> Axes:
+    """A timetable (slot t: the (stage, micro-batch) pairs running in it, as
+    :func:`~workbench.parallel.pipeline.gpipe_timetable` returns) as a timeline of equal slots."""
+    events = timetable_events([list(slot) for slot in table], slot_s=1e-3)  # one slot = 1 "ms"
+    p, m = 1 + max(e.stage for e in events), 1 + max(e.micro_batch for e in events)
+    ax = plot_pipeline_timeline(events, p, m, step=0, ax=ax)
+    ax.set_xlabel("time slot")
+    ax.set_title(f"{len(table)} slots: idle share {measured_bubble(events, p):.2f}, formula "
+                 f"(p-1)/(m+p-1) = {bubble_formula(p, m):.2f} (p={p}, m={m})", fontsize=10)
     return ax
 
 
