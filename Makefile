@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEVICE ?= auto
 OUT ?= out/notebooks
+# make lab LAB_DIR=labs/student opens a classroom lab's student notebooks
+LAB_DIR ?= notebooks
 
 .PHONY: env notebooks smoke test lab clean
 
@@ -24,7 +26,7 @@ test: env
 	$(PY) -m pytest
 
 lab: env
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_DIR)
 
 clean:
 	rm -rf out/ .pytest_cache

@@ -45,6 +45,7 @@ fail=0
 start=$SECONDS
 step() { echo "== $1 ($(( SECONDS - start )) s)"; }
 
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
 step "bench tp"
 timeout $T_TP $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
     --steps $STEPS --device $DEVICE --timeout $((T_TP - 10)) --json "$OUT/bench_tp.json" || fail=1
@@ -59,6 +60,7 @@ fi
 step "bench pp"
 timeout $T_PP $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
     --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PP - 10)) --json "$OUT/bench_pp.json" || fail=1
+fi  # SKIP_BENCH=1: notebooks only
 
 for nb in ${NOTEBOOKS:-04_tensor_parallelism 05_pipeline_parallelism}; do
     step "notebook $nb"
