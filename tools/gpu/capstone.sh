@@ -23,9 +23,7 @@ if [ "$DEVICE" = cpu ]; then
     TAG=cpu
 else
     source tools/gpu/setup.sh  # papermill and ipykernel from the carried .wheels/
-    TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|l4' \
-          | head -1 | tr 'A-Z' 'a-z' || true)
-    TAG=${TAG:-gpu}
+    TAG=$GPU_TAG  # set by setup.sh from nvidia-smi
 fi
 if [ "$SMOKE" = 1 ]; then
     # the GPU's parameters on a small preset (the CPU check of the non-bundled path), smoke sizes

@@ -20,9 +20,7 @@ if [ "$DEVICE" = cpu ]; then
     TAG=cpu
 else
     source tools/gpu/setup.sh  # papermill and ipykernel from the carried .wheels/
-    TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|l4' \
-          | head -1 | tr 'A-Z' 'a-z' || true)
-    TAG=${TAG:-gpu}
+    TAG=$GPU_TAG  # set by setup.sh from nvidia-smi
 fi
 PARAMS=(-p device "$DEVICE" -p model bundled -p dtype float32
         -p fast_model preset:llama-3.2-1b -p fast_dtype bfloat16 -p fast_requests "${FAST_REQUESTS:-256}")
