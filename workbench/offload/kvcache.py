@@ -34,10 +34,19 @@ def kv_quant_config(head_dim: int) -> QuantConfig:
 
 
 class _HostLayer:
-    """Keys and values of one layer off the fast tier: dense or 4-bit, in RAM or in a file."""
+    """Keys and values of one layer off the fast tier: dense or 4-bit, in RAM or in a file.
+
+    Stored position-major, ``[max_len, B, Hkv, d]``: the first ``end`` positions of every row are one
+    contiguous block, so a step's read is a single copy (one DMA from pinned memory). In the
+    ``[B, Hkv, max_len, d]`` layout the same read is a strided view that PyTorch first gathers into
+    pageable memory on the CPU, then copies: the third H100 run spent 2.7 s a step where the bytes
+    needed 0.45 s at the pinned bandwidth.
+    """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, tier: str, pin: bool,
                  path: Path | None, quant: QuantConfig | None) -> None:
+        B, Hkv, max_len, d = shape
+        shape = (max_len, B, Hkv, d)  # position-major (see the class docstring)
         self.quant, self.dtype, self.file = quant, dtype, None
         if quant is None:
             arrays = [("k", dtype, shape), ("v", dtype, shape)]
@@ -57,25 +66,30 @@ class _HostLayer:
         self.arrays = {name: carve(flat, off, dt, s) for (name, dt, s), off in zip(arrays, offsets)}
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """New tokens' keys and values ``[B, Hkv, T, d]`` (any device) at positions ``start ..``."""
         end = start + k.shape[2]
-        if self.quant is None:
-            self.arrays["k"][:, :, start:end] = k
-            self.arrays["v"][:, :, start:end] = v
-            return
         for name, x in (("k", k), ("v", v)):
-            q = quantize(x, self.quant)
-            self.arrays[name][:, :, start:end] = q.data
-            self.arrays[name + "s"][:, :, start:end] = q.scale
+            x = x.permute(2, 0, 1, 3)  # [T, B, Hkv, d]
+            if self.quant is None:
+                self.arrays[name][start:end].copy_(x)  # device -> host straight into place
+                continue
+            q = quantize(x.cpu().contiguous(), self.quant)
+            self.arrays[name][start:end] = q.data
+            self.arrays[name + "s"][start:end] = q.scale
 
-    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``end`` positions, ``[B, Hkv, end, d]`` in RAM."""
-        if self.quant is None:
-            return self.arrays["k"][:, :, :end], self.arrays["v"][:, :, :end]
+    def read(self, end: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``end`` positions, ``[B, Hkv, end, d]`` on ``device``
+        (one contiguous copy each from host memory; a view, not contiguous)."""
         out = []
         for name in ("k", "v"):
-            codes, scales = self.arrays[name][:, :, :end], self.arrays[name + "s"][:, :, :end]
-            shape = torch.Size((*codes.shape[:-1], codes.shape[-1] * 2))
-            out.append(QuantizedTensor(codes, scales, None, shape, self.quant).dequantize(self.dtype))
+            if self.quant is None:
+                x = self.arrays[name][:end].to(device, non_blocking=True)  # [end, B, Hkv, d]
+            else:
+                codes, scales = self.arrays[name][:end], self.arrays[name + "s"][:end]
+                shape = torch.Size((*codes.shape[:-1], codes.shape[-1] * 2))
+                x = QuantizedTensor(codes.to(device, non_blocking=True), scales.to(device, non_blocking=True),
+                                    None, shape, self.quant).dequantize(self.dtype)
+            out.append(x.permute(1, 2, 0, 3))  # [B, Hkv, end, d]
         return out[0], out[1]
 
     def nbytes(self) -> int:
@@ -126,12 +140,12 @@ class TieredKVCache(KVCache):
             vf[:, :, start:end] = v
             return kf[:, :, :end], vf[:, :, :end]
         host = self.host[layer]
-        host.write(start, k.cpu(), v.cpu())  # device -> host: the new tokens only
-        k_all, v_all = host.read(end)  # [B, Hkv, end, d]
+        host.write(start, k, v)  # device -> host: the new tokens only
+        k_all, v_all = host.read(end, self.device)  # [B, Hkv, end, d]
         if self.device.type != "cpu":
             self._count("kv_d2h", k, v)
             self._count("kv_h2d", k_all, v_all)
-        return k_all.to(self.device), v_all.to(self.device)
+        return k_all, v_all
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
@@ -139,7 +153,7 @@ class TieredKVCache(KVCache):
             return super().attend(layer, q, k, v, batch)
         start, end = batch.kv_start, batch.kv_start + k.shape[2]
         host = self.host[layer]
-        host.write(start, k.cpu(), v.cpu())
+        host.write(start, k, v)
         k_all, v_all = host.read(end)  # [B, Hkv, end, d] in RAM
         mask = None if batch.mask is None else batch.mask.cpu()
         out = sdpa(q.cpu(), k_all, v_all, mask, causal=mask is None)  # [B, H, T, d] on the CPU
