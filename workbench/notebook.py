@@ -8,7 +8,7 @@ the executed notebook and gather every notebook's results into one ``summary.jso
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 SUMMARY_MIME = "application/json"
 
@@ -33,3 +33,14 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     clean = _plain(results)
     display({SUMMARY_MIME: clean, "text/plain": json.dumps(clean, indent=1)}, raw=True)
     return clean
+
+
+def displayed(cell: dict, mime: str) -> Iterator[Any]:
+    """The payloads of type ``mime`` an executed notebook ``cell`` displayed, in order (a payload
+    stored as a JSON string is parsed). Used to read summaries and lab check results back."""
+    for output in cell.get("outputs", []):
+        payload = output.get("data", {}).get(mime)
+        if isinstance(payload, str):
+            payload = json.loads(payload)
+        if payload is not None:
+            yield payload

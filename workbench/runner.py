@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.notebook import SUMMARY_MIME
+from workbench.notebook import SUMMARY_MIME, displayed
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -33,9 +33,8 @@ def read_summary(executed: Path) -> dict | None:
     nb = json.loads(executed.read_text())
     for cell in nb.get("cells", []):
         if "summary" in cell.get("metadata", {}).get("tags", []):
-            for output in cell.get("outputs", []):
-                if SUMMARY_MIME in output.get("data", {}):
-                    return output["data"][SUMMARY_MIME]
+            for payload in displayed(cell, SUMMARY_MIME):
+                return payload
     return None
 
 

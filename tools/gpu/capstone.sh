@@ -12,19 +12,7 @@
 #   GPU:        OUT=/some/dir bash tools/gpu/capstone.sh
 #   CPU check:  DEVICE=cpu SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/cap bash tools/gpu/capstone.sh
 set -euo pipefail
-DEVICE=${DEVICE:-cuda}
-SMOKE=${SMOKE:-0}
-OUT=${OUT:?set OUT to the output directory}
-PYTHON=${PYTHON:-python}
-mkdir -p "$OUT"
-if [ "$DEVICE" = cpu ]; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    TAG=cpu
-else
-    source tools/gpu/setup.sh  # papermill and ipykernel from the carried .wheels/
-    TAG=$GPU_TAG  # set by setup.sh from nvidia-smi
-fi
+source tools/gpu/job.sh  # DEVICE, SMOKE, OUT, PYTHON, TAG
 if [ "$SMOKE" = 1 ]; then
     # the GPU's parameters on a small preset (the CPU check of the non-bundled path), smoke sizes
     PARAMS=(-p smoke True -p speed_model preset:smollm2-135m -p weights int4)

@@ -9,19 +9,7 @@
 #   GPU:        OUT=/some/dir bash tools/gpu/notebook03.sh
 #   CPU check:  DEVICE=cpu SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/nb03 bash tools/gpu/notebook03.sh
 set -euo pipefail
-DEVICE=${DEVICE:-cuda}
-SMOKE=${SMOKE:-0}
-OUT=${OUT:?set OUT to the output directory}
-PYTHON=${PYTHON:-python}
-mkdir -p "$OUT"
-if [ "$DEVICE" = cpu ]; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    TAG=cpu
-else
-    source tools/gpu/setup.sh  # papermill and ipykernel from the carried .wheels/
-    TAG=$GPU_TAG  # set by setup.sh from nvidia-smi
-fi
+source tools/gpu/job.sh  # DEVICE, SMOKE, OUT, PYTHON, TAG
 PARAMS=(-p device "$DEVICE" -p model bundled -p dtype float32
         -p fast_model preset:llama-3.2-1b -p fast_dtype bfloat16 -p fast_requests "${FAST_REQUESTS:-256}")
 if [ "$SMOKE" = 1 ]; then

@@ -13,18 +13,7 @@
 #   GPU:        OUT=/some/dir bash tools/gpu/streaming.sh
 #   CPU check:  DEVICE=cpu SMOKE=1 PYTHON=.venv/bin/python OUT=/tmp/st bash tools/gpu/streaming.sh
 set -euo pipefail
-DEVICE=${DEVICE:-cuda}
-SMOKE=${SMOKE:-0}
-OUT=${OUT:?set OUT to the output directory}
-PYTHON=${PYTHON:-python}
-mkdir -p "$OUT"
-if [ "$DEVICE" = cpu ]; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    TAG=cpu
-else
-    source tools/gpu/setup.sh  # papermill and ipykernel from the carried .wheels/
-    TAG=$GPU_TAG  # set by setup.sh from nvidia-smi
-fi
+source tools/gpu/job.sh  # DEVICE, SMOKE, OUT, PYTHON, TAG
 bench() { "$PYTHON" -m workbench bench streaming --device "$DEVICE" --no-progress "$@"; }
 start=$SECONDS
 

@@ -15,7 +15,6 @@ exercise). An exercise the notebook should contain but never checked counts as f
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
@@ -28,6 +27,7 @@ import nbformat
 from workbench.errors import WorkbenchError
 from workbench.labs.build import CHECK_CALL, LABS_DIR, read_lab, solution_paths
 from workbench.labs.check import CHECK_MIME
+from workbench.notebook import displayed
 
 GRADER_TAG = "workbench-grader"
 LAB_NAME = re.compile(r"lab\d\d_[a-z0-9_]+")
@@ -130,10 +130,7 @@ def _check_results(cells: list) -> dict[str, dict]:
     """The last check result per exercise displayed by ``cells``."""
     results: dict[str, dict] = {}
     for cell in cells:
-        for out in cell.get("outputs", []):
-            payload = out.get("data", {}).get(CHECK_MIME)
-            if isinstance(payload, str):
-                payload = json.loads(payload)
+        for payload in displayed(cell, CHECK_MIME):
             if isinstance(payload, dict) and "exercise" in payload:
                 results[payload["exercise"]] = payload
     return results

@@ -22,6 +22,7 @@ student write :func:`group_scales` and :func:`group_codes`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,15 @@ class QuantConfig:
         if self.bits == 4 and last_dim % 2:
             raise WorkbenchError(f"4-bit packing needs an even last dimension, got {last_dim}")
         return last_dim // size, size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a tensor of ``shape`` stored quantized along its last dimension: packed codes
+        (``bits / 8`` bytes a value) + one scale per group (+ one offset when asymmetric), as
+        :class:`QuantizedTensor` holds them."""
+        rows, last = math.prod(shape[:-1]), shape[-1]
+        groups, _ = self.groups(last)
+        scale = torch.empty((), dtype=self.scale_dtype).element_size()
+        return rows * last * self.bits // 8 + rows * groups * scale * (1 if self.symmetric else 2)
 
 
 def parse_quant_config(text: str) -> QuantConfig:

@@ -34,7 +34,7 @@ from workbench.parallel.plan import shard_config
 from workbench.quant.groupwise import QuantConfig, parse_quant_config
 from workbench.quant.kv import KV_INT4, KV_INT8
 
-__all__ = ["DTYPES", "Footprint", "footprint", "kv_format", "quantized_nbytes", "weight_format"]
+__all__ = ["DTYPES", "Footprint", "footprint", "kv_format", "weight_format"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,15 +64,6 @@ def kv_format(name: str) -> torch.dtype | QuantConfig:
                              "int4 or int<4|8>-<gN|ch>-<sym|asym>") from None
 
 
-def quantized_nbytes(shape: tuple[int, ...], config: QuantConfig) -> int:
-    """Bytes of a tensor of ``shape`` quantized along its last dimension: packed codes
-    (``bits / 8`` bytes a value) + one scale per group (+ one offset when asymmetric)."""
-    rows, last = math.prod(shape[:-1]), shape[-1]
-    groups, _ = config.groups(last)
-    scale = torch.empty((), dtype=config.scale_dtype).element_size()
-    return rows * last * config.bits // 8 + rows * groups * scale * (1 if config.symmetric else 2)
-
-
 @dataclass(frozen=True)
 class Footprint:
     """Bytes one rank holds: ``weights`` in all (of which ``linear``: the decoder layers' linear
@@ -93,7 +84,7 @@ class Footprint:
 
 def _nbytes(shape: tuple[int, ...], fmt: torch.dtype | QuantConfig) -> int:
     if isinstance(fmt, QuantConfig):
-        return quantized_nbytes(shape, fmt)
+        return fmt.nbytes(shape)
     return math.prod(shape) * torch.empty((), dtype=fmt).element_size()
 
 
@@ -127,7 +118,7 @@ def footprint(config: ModelConfig, weights: str, compute: str, kv: str | None = 
                 nbytes = _nbytes(p.shape, act)
             total += nbytes
     if isinstance(kfmt, QuantConfig):
-        per_vector = quantized_nbytes((1, shard.head_dim), kfmt)
+        per_vector = kfmt.nbytes((1, shard.head_dim))
         kv_token = 2 * shard.num_hidden_layers * shard.num_key_value_heads * per_vector
     else:
         kv_token = kv_bytes_per_token(shard, kfmt)
