@@ -202,3 +202,21 @@ def test_memory_plan_counts_what_the_fast_tier_holds(bundled):
     plan = check_policy(Policy.from_percentages(0, 100), config, torch.float32, Budget(GIB),
                         "cuda", 8, 8)
     assert plan.fast_total < GIB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", [(0, 100), (50, 50)], ids=["kv-in-ram", "kv-half-in-ram"])
+def test_cuda_kv_in_pinned_ram_gives_the_device_tokens(bundled, kv, tmp_path):
+    """On a GPU, keys/values written to pinned RAM without waiting (then read back on the same
+    stream) give the tokens of the model held on the device, batch after batch."""
+    model = load_model("bundled", "cuda")
+    prompts = _prompts(model.config.vocab_size, [5, 9, 7, 12, 3, 8, 6, 10])
+    ref = _reference(model, prompts, 6, 2)
+    policy = Policy.from_percentages(20, 80, 0, *kv, gpu_batch_size=2, num_gpu_batches=4)
+    om = OffloadedModel.build(model, policy, Budget(GIB, tmp_path), "cuda", 12, 6)
+    try:
+        run = om.generate(prompts, 6)
+    finally:
+        om.close()
+    assert run.output_ids == ref
+    assert run.bytes["kv_h2d"] > 0 and run.bytes["kv_d2h"] > 0

@@ -95,3 +95,21 @@ def test_second_h100_run_meets_the_memory_and_cost_model_checks():
     assert 0.8 <= now["block_best_within_budget"]["fraction_of_bound"]
     assert 5 < now["block_over_accelerate_best_within_budget"] < 10
     assert max(abs(r["cost_model_error"]) for r in our_rows(report)) <= 0.25  # a priori
+
+
+def test_kv_in_ram_shares_the_link_with_the_weights():
+    """With free compute and perfect overlap, a block step whose KV cache lives in RAM costs the
+    weights' load plus every batch's keys/values over the same link: the two add, not overlap."""
+    config = tiny_config(hidden_size=128, intermediate_size=256, head_dim=32, num_hidden_layers=4)
+    free = Calibration("cuda", disk_Bps=1e9, h2d_Bps=2e8, host_Bps=1e10, layer_fixed_s=0.0,
+                       layer_token_s=0.0, head_fixed_s=0.0, head_token_s=0.0,
+                       dequant_Bps=math.inf, overlap=1.0)
+    w = Split(0, 100, 0, what="weights")
+    b, n, P, G = 4, 3, 16, 8
+    on_gpu, in_ram = (predict(Policy(weights=w, kv=kv, gpu_batch_size=b, num_gpu_batches=n),
+                              config, torch.float32, free, P, G).decode_step_s
+                      for kv in (Split(100, 0, 0, what="kv"), Split(0, 100, 0, what="kv")))
+    context = P + G // 2  # the decode step the model prices
+    kv_bytes = (2 * config.num_key_value_heads * config.head_dim * 4 * context * b * n
+                * config.num_hidden_layers)
+    assert math.isclose(in_ram - on_gpu, kv_bytes / free.h2d_Bps, rel_tol=1e-9)

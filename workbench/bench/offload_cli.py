@@ -37,6 +37,9 @@ def add_parser(bench_sub) -> None:
                    help="weights split 'gpu,cpu,disk' percentages, or auto (the most on the gpu "
                         "tier with which every fixed batching fits)")
     b.add_argument("--kv", default="100,0,0", help="KV cache split 'gpu,cpu,disk'")
+    b.add_argument("--kv-cpu-batchings", default="",
+                   help="batchings that also run with the KV cache wholly in CPU RAM (0,100,0; "
+                        "attention on the GPU unless --cpu-attention), in the same run")
     b.add_argument("--cpu-attention", action="store_true")
     b.add_argument("--compress-weights", action="store_true", help="4-bit weights off the gpu tier")
     b.add_argument("--batchings", default="1x1,8x1,8x4",
@@ -119,9 +122,12 @@ def run(args: argparse.Namespace) -> dict:
         model = load_model(args.model, "cpu", dtype)
         config = model.config
     kv = _split(args.kv, "kv")
+    planned = [(b, kv) for b in batchings] + [  # (batching, KV split) pairs
+        (Batching.parse(t), Split(0, 100, 0, what="kv"))
+        for t in args.kv_cpu_batchings.split(",") if t.strip()]
     P, G = args.prompt_len, args.gen_len
 
-    def policy(weights: Split, b: Batching, schedule: str = "block") -> Policy:
+    def policy(weights: Split, b: Batching, schedule: str = "block", kv: Split = kv) -> Policy:
         return Policy(weights=weights, kv=kv, gpu_batch_size=b.gpu_batch_size,
                       num_gpu_batches=max(1, b.num_gpu_batches), schedule=schedule,
                       cpu_attention=args.cpu_attention, compress_weights=args.compress_weights)
@@ -130,19 +136,19 @@ def run(args: argparse.Namespace) -> dict:
         return plan_memory(p, config, dtype, device.type, P, G).fast_total <= budget.fast_bytes
 
     weights = _choose_weights(args.weights, device, lambda w: all(
-        fits(policy(w, b)) for b in batchings))  # Bxmax counts as Bx1 here
+        fits(policy(w, b, kv=s)) for b, s in planned))  # Bxmax counts as Bx1 here
     resolved = []
-    for b in batchings:
+    for b, s in planned:
         if not b.num_gpu_batches:
-            n = max_num_batches(policy(weights, b), config, dtype, device.type, budget.fast_bytes,
-                                P, G)
+            n = max_num_batches(policy(weights, b, kv=s), config, dtype, device.type,
+                                budget.fast_bytes, P, G)
             if n < 1:
                 raise WorkbenchError(f"batching {b.label}: not one batch of {b.gpu_batch_size} "
                                      f"fits the budget with weights {weights.label}")
             b = Batching(b.gpu_batch_size, n)
-        resolved.append(b)
-    for b in resolved:  # a clear error before any work if something does not fit
-        check_policy(policy(weights, b), config, dtype, budget, device.type, P, G)
+        resolved.append((b, s))
+    for b, s in resolved:  # a clear error before any work if something does not fit
+        check_policy(policy(weights, b, kv=s), config, dtype, budget, device.type, P, G)
     check_disk_dir(budget.disk_dir)  # the calibration reads files there, whatever the policy
     phase("plan_s")
     cal, cal_details = calibrate_with_probes(config, dtype, device, budget.disk_dir, weights,
@@ -152,13 +158,15 @@ def run(args: argparse.Namespace) -> dict:
     left = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     phase("calibrate_s")
     init = args.init_device or (device.type if is_preset else "cpu")
-    om = OffloadedModel.build(model if model is not None else config, policy(weights, resolved[0]),
-                              budget, device, P, G, dtype=dtype, init_device=init)
+    first, first_kv = resolved[0]
+    om = OffloadedModel.build(model if model is not None else config,
+                              policy(weights, first, kv=first_kv), budget, device, P, G,
+                              dtype=dtype, init_device=init)
     model = None  # the store holds the weights now
     phase("build_s")
     streamed = sum(om.store.streamed_bytes(u)[1 if device.type == "cuda" else 0]
                    for u in range(len(om.store.units)))
-    policies = [policy(weights, b, s) for b in resolved for s in schedules
+    policies = [policy(weights, b, s, kv_split) for b, kv_split in resolved for s in schedules
                 if s == "block" or (b.num_gpu_batches > 1
                                     and (row_set is None or b in row_set
                                          or Batching(b.gpu_batch_size, 0) in row_set))]

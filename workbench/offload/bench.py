@@ -106,6 +106,10 @@ def run_policies(om: OffloadedModel, policies: list[Policy], cal: Calibration, p
                          budget)}
         if streamed_bytes:
             row["streamed_bound_tok_s"] = policy.effective_batch * bw / streamed_bytes
+        link = sum(run.bytes.get(k, 0) for k in ("h2d", "kv_h2d", "attn_h2d")) / gen_len
+        if link and cal.device_type == "cuda":  # all a step sends over the link, KV included
+            row["link_bound_tok_s"] = policy.effective_batch * bw / link
+            row["fraction_of_link_bound"] = run.decode_tok_s / row["link_bound_tok_s"]
         rows.append(row)
     return rows
 
@@ -187,6 +191,10 @@ def bars(rows: list[dict]) -> dict:
                               for r in rows if r.get("within_budget") is None],
         "cost_model_max_abs_error": max((abs(r["cost_model_error"]) for r in priced),
                                         default=None),
+        # context for the first bar: every block run at >= 80 % of its own bound (the fastest
+        # one may not be: a KV cache in RAM adds its bytes to the link the weights stream over)
+        "block_runs_at_80pct_of_bound": [r["policy"] for r in block
+                                         if within(r) and r["fraction_of_bound"] >= 0.8],
     }
     out["bar_block_80pct_of_bound"] = bool(ours) and ours["fraction_of_bound"] >= 0.8
     out["bar_10x_accelerate"] = (out["block_over_accelerate_best_within_budget"] or 0) >= 10

@@ -6,6 +6,10 @@ Per step, every unit ``j`` (decoder layer or head) has a load time and, for a ba
     load_j      = disk_j / BW_disk + h2d_j / BW_h2d       (the bytes the unit's slot moves)
     comp_j(b)   = a_j + c_j * b * T  (+ KV traffic, + dequantization)
 
+A KV cache in host RAM attended on the GPU copies each batch's keys/values in per layer: the batch
+waits for them (compute) and they share the host-to-device link with the weights (load; for the
+block schedule, all ``n`` batches' worth within the unit's slot).
+
 ``a_j`` is the fixed cost of one call of the unit (kernel launches, Python, the head's sampling
 sync) and ``c_j`` its cost per row-token: a GPU running a small batch is bound by ``a``, not by its
 FLOP rate. The schedule composes the units, overlapping each load with the compute it hides behind:
@@ -146,8 +150,12 @@ def predict(policy: Policy, config: ModelConfig, dtype: torch.dtype, cal: Calibr
                 comp = cal.layer_fixed_s + cal.layer_token_s * b * tokens + dequant
                 kv_bytes = kv_layer_token * b * context
                 if kv_tier[index] != "gpu" and cuda:
-                    comp += (kv_bytes / cal.host_Bps if policy.cpu_attention
-                             else kv_bytes / cal.h2d_Bps)
+                    if policy.cpu_attention:
+                        comp += kv_bytes / cal.host_Bps
+                    else:  # the batch waits for its keys/values, which also take the link
+                        kv_in = kv_bytes / cal.h2d_Bps  # the weights stream through
+                        comp += kv_in
+                        load += kv_in * (n if policy.schedule == "block" else 1)
             loads.append(load)
             comps.append(comp)
         f = cal.overlap if policy.overlap else 0.0

@@ -109,7 +109,9 @@ def fit_calibration(rows: list[dict], base: Calibration, config: ModelConfig, dt
         raise ValueError("no row left to fit")
 
     def make(x) -> Calibration:
-        values = {k: float(math.exp(v)) for k, v in zip(free, x)}
+        # log-seconds clipped to [1e-13 s, 1e3 s]: the simplex may wander far out where a term
+        # hides behind the loads and the loss is flat (exp overflowed there on an H200)
+        values = {k: float(math.exp(min(max(v, -30.0), 7.0))) for k, v in zip(free, x)}
         if "overlap" in values:
             values["overlap"] = min(1.0, values["overlap"])
         return tie_head(replace(base, **values, source="fitted"), config)

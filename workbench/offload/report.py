@@ -24,6 +24,8 @@ RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 # The first H100 run (its peaks broke the budget; notebook 06 diagnoses it) and the second, after the fixes.
 FIRST_RUN = RESULTS / "offload-llama-3.1-8b_h100_2026-11-27-run1.json"
 GPU_REPORT = RESULTS / "offload-llama-3.1-8b_h100_2026-11-27-run2.json"
+# One H200, a week later: the same study plus the KV cache in RAM (2,048 sequences per weight load).
+KV_RAM_RUN = RESULTS / "offload-llama-3.1-8b_h200_2026-12-04-run5.json"
 
 
 def load_report(path: str | Path = GPU_REPORT) -> dict:
