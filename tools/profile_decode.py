@@ -6,7 +6,8 @@ Variants: the model's plain forward over paged storage (gather + SDPA), the fuse
 (workbench.engine.fastpath) compiled with gather attention, with the Triton paged kernel, and the
 Triton kernel without torch.compile. Each is captured in a CUDA graph per shape and replayed;
 the median replay time is set against the bandwidth floor (weights + KV bytes read per step).
-A torch.profiler table of the fastest variant at batch 1 says where the rest goes.
+A torch.profiler table of the fastest variant (``--profile-batches``, at the longest context) says
+where the rest goes.
 """
 
 import argparse
@@ -26,6 +27,8 @@ parser.add_argument("--model", default="preset:llama-3.2-1b")
 parser.add_argument("--batches", default="1,2,8,32,128,256")
 parser.add_argument("--contexts", default="128,512")
 parser.add_argument("--block-size", type=int, default=16)
+parser.add_argument("--variants", default="all", help="comma-separated names, or all")
+parser.add_argument("--profile-batches", default="1", help="batches profiled (longest context)")
 parser.add_argument("--json", required=True)
 args = parser.parse_args()
 
@@ -48,6 +51,8 @@ variants = {
     "fused-compiled-triton": FusedDecoder(model, kv, compile=True, attention="triton"),
     "fused-eager-triton": FusedDecoder(model, kv, compile=False, attention="triton"),
 }
+if args.variants != "all":
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
 
 
 def inputs(b: int, ctx: int):
@@ -105,19 +110,21 @@ for ctx in contexts:
                   f"({floor_ms / ms:5.1%})  {b / ms * 1e3:9.0f} tok/s", flush=True)
 
 best = "fused-compiled-triton"
-with torch.inference_mode():
-    fn = step_fn(best, 1, 256)
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+tables = {}
+for b in (int(x) for x in args.profile_batches.split(",")):
+    with torch.inference_mode():
+        fn = step_fn(best, b, max(contexts))  # the pools hold max(contexts) per row
+        for _ in range(3):
             fn()
         torch.cuda.synchronize()
-table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
-print(table)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+    tables[f"profile_batch{b}"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    print(f"batch {b}, 5 steps:\n{tables[f'profile_batch{b}']}")
 report = {"hardware": detect(device).stamp(), "model": args.model, "dtype": "bfloat16",
           "bandwidth_GB_s": roof.bandwidth / 1e9, "weight_bytes": weights,
-          "kv_bytes_per_token": per_token, "rows": rows, "profile_batch1": table}
+          "kv_bytes_per_token": per_token, "rows": rows, **tables}
 with open(args.json, "w") as f:
     json.dump(report, f, indent=1, default=str)

@@ -1,6 +1,6 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8]
 
 One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
@@ -40,6 +40,9 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--tp", default="1,2", help="comma-separated TP sizes")
             b.add_argument("--cuda-graphs", action="store_true",
                            help="also replay the decode step from a CUDA graph (GPU)")
+            b.add_argument("--fast", action="store_true",
+                           help="also the engine's fast path in a CUDA graph (GPU): fused weights, "
+                                "torch.compile'd glue, Triton paged attention")
         else:
             b.add_argument("--pp", default="1,2", help="comma-separated PP sizes")
             b.add_argument("--micro-batches", default="1,2,4", help="comma-separated m")
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> dict:
     from workbench.parallel.measure import time_grids
 
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
-                        dtype, cuda_graphs=getattr(args, "cuda_graphs", False))
+                        dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
+                        fast=getattr(args, "fast", False))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
@@ -101,7 +105,8 @@ def run(args: argparse.Namespace) -> dict:
     for r in rows:
         extra = (f"  bubble {r['bubble_measured']:.2f} vs {r['bubble_formula']:.2f}"
                  if "bubble_measured" in r else "")
-        graph = f"  graph {r['graph_step_ms']:.2f} ms" if "graph_step_ms" in r else ""
+        graph = "".join(f"  {k} {r[f'{k}_step_ms']:.2f} ms (x{r[f'{k}_over_floor']:.2f})"
+                        for k in ("graph", "fast") if f"{k}_step_ms" in r)
         print(f"{r['system']:<22} B={r['batch']:<3} step {r['step_ms']:8.2f} ms  floor "
               f"{r['floor_ms']:7.2f} ms  x{r['step_over_floor']:.2f}{extra}{graph}")
     return report
@@ -116,7 +121,14 @@ def _checks(rows: list[dict]) -> dict:
         for tp in (2, 4):
             if base and (tp, 1, 1, B) in by:
                 out[f"tp{tp}_speedup_b{B}"] = base["step_ms"] / by[(tp, 1, 1, B)]["step_ms"]
+                for k in ("graph", "fast"):  # the same ratio for the replayed steps
+                    if f"{k}_step_ms" in base and f"{k}_step_ms" in by[(tp, 1, 1, B)]:
+                        out[f"tp{tp}_{k}_speedup_b{B}"] = (base[f"{k}_step_ms"]
+                                                          / by[(tp, 1, 1, B)][f"{k}_step_ms"])
     out["max_step_over_floor"] = max(r["step_over_floor"] for r in rows)
+    for k in ("graph", "fast"):
+        if any(f"{k}_over_floor" in r for r in rows):
+            out[f"max_{k}_over_floor"] = max(r.get(f"{k}_over_floor", 0.0) for r in rows)
     bubbles = [abs(r["bubble_measured"] - r["bubble_formula"]) for r in rows
                if "bubble_measured" in r]
     if bubbles:

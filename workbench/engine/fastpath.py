@@ -14,6 +14,10 @@ This step computes the same function with:
 
 It reads the same paged pools and block tables as :class:`~workbench.kv.paged.PagedKVCache`, and
 its logits agree with the plain forward to float rounding (tests on GPU compare the tokens).
+
+On a tensor-parallel rank (``reduce``: the TP group's in-place all-reduce) the model is the rank's
+shard: o_proj and down_proj produce partial sums, summed by the two all-reduces of each layer between
+the compiled pieces (biases added once, after the sum); ``bench tp --fast`` times it.
 """
 
 from __future__ import annotations
@@ -66,14 +70,13 @@ def gather_attention(q, k_pool, v_pool, tables, mask):
     return out[:, :, 0]
 
 
-def attention_out_mlp(attn, residual, w_o, b_o, norm_w, w_gate_up, b_gate_up, w_down, b_down,
-                      eps: float):
-    """residual += attn W_o; h = norm(residual); mlp = down(silu(gate h) * up h)."""
-    b = attn.shape[0]
-    residual = residual + F.linear(attn.reshape(b, -1), w_o, b_o)  # attn [b, H, d]
+def mlp(o, residual, norm_w, w_gate_up, b_gate_up, w_down, eps: float):
+    """residual += o (attention's output, summed over TP ranks); h = norm(residual);
+    returns down(silu(gate h) * up h) without down's bias (a partial sum on a TP rank)."""
+    residual = residual + o
     h = _rms(residual, norm_w, eps)
     gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
-    return F.linear(F.silu(gate) * up, w_down, b_down), residual
+    return F.linear(F.silu(gate) * up, w_down), residual
 
 
 class FusedDecoder:
@@ -84,10 +87,10 @@ class FusedDecoder:
     """
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool = True,
-                 attention: str = "auto") -> None:
+                 attention: str = "auto", reduce=None) -> None:
         from workbench.kv import paged_triton
 
-        self.model, self.kv, self.config = model, kv, model.config
+        self.model, self.kv, self.config, self.reduce = model, kv, model.config, reduce
         if attention == "auto":
             attention = "triton" if paged_triton.available(model.device) else "gather"
         self.attention = attention
@@ -105,8 +108,7 @@ class FusedDecoder:
                 w_down=m.down_proj.weight, b_down=m.down_proj.bias))
         options = dict(dynamic=True, fullgraph=True)
         self.attention_in = torch.compile(attention_in, **options) if compile else attention_in
-        self.attention_out_mlp = (torch.compile(attention_out_mlp, **options) if compile
-                                  else attention_out_mlp)
+        self.mlp = torch.compile(mlp, **options) if compile else mlp
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,14 @@ class FusedDecoder:
                 k_pool.view(-1, Hkv, d)[slots] = k
                 v_pool.view(-1, Hkv, d)[slots] = v
                 attn = gather_attention(q, k_pool, v_pool, tables, mask)  # [b, H, d]
-            x, residual = self.attention_out_mlp(
-                attn, residual, w["w_o"], w["b_o"], w["norm2"], w["w_gate_up"], w["b_gate_up"],
-                w["w_down"], w["b_down"], eps)
+            o = self._summed(F.linear(attn.reshape(attn.shape[0], -1), w["w_o"]), w["b_o"])
+            x, residual = self.mlp(o, residual, w["norm2"], w["w_gate_up"], w["b_gate_up"],
+                                   w["w_down"], eps)
+            x = self._summed(x, w["b_down"])
         return model.lm_head(model.norm(residual + x))  # [b, vocab]
+
+    def _summed(self, partial: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A row-parallel output: summed over the TP ranks (in place), then its bias, once."""
+        if self.reduce is not None:
+            self.reduce(partial)
+        return partial if bias is None else partial + bias

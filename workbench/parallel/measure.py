@@ -12,7 +12,10 @@ Bandwidth is measured on rank 0's device (:func:`workbench.hardware.measure_band
 all-reduce latency on the TP group with the message a decode step sends (``B x hidden``).
 With ``cuda_graphs`` (GPU, PP 1) the decode step is also captured in a CUDA graph and replayed at
 a fixed position (each replay rewrites the same KV slot: the same work as a real step), its
-logits checked against the eager step; the graph is released before teardown.
+logits checked against the eager step; the graph is released before teardown. With ``fast`` (GPU,
+PP 1) the engine's GPU fast path is captured too (:class:`~workbench.engine.fastpath.FusedDecoder`:
+fused weights, compiled glue, Triton paged attention, the TP all-reduces between), over a paged copy
+of the same KV cache.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from workbench.parallel.launch import DistContext
 from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble, pipeline_forward
 from workbench.parallel.plan import ParallelConfig
 
-__all__ = ["DecodeBench", "decode_worker"]
+__all__ = ["DecodeBench", "decode_worker", "fused_step"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class DecodeBench:
     dtype: str = "bfloat16"
     timeline: bool = True  # PP: a second run records stage events for the bubble
     cuda_graphs: bool = False
+    fast: bool = False  # also the fast path (fused weights + compile + Triton) in a CUDA graph
 
 
 def _sync(dev: torch.device) -> None:
@@ -118,23 +122,26 @@ def _allreduce_s(worker: RankWorker, nbytes_rows: int, iters: int = 30) -> float
     return (time.perf_counter() - t0) / iters
 
 
-def _graph_step(dec: _Decoder) -> dict:
-    """Capture one decode step in a CUDA graph, check it against eager, time its replays."""
+def _graph_step(dec: _Decoder, step=None, key: str = "graph") -> dict:
+    """Capture one decode step (``step()``, by default the plain forward) in a CUDA graph, check
+    its logits against the eager step, time its replays."""
     fixed = dec.batch(dec.pos)
+    step = step or (lambda: dec.forward(fixed))
     eager = dec.forward(fixed).float()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            dec.forward(fixed)
+            step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            out = dec.forward(fixed)
+            out = step()
         graph.replay()
         _sync(dec.dev)
         diff = float((out.float() - eager).abs().max())
+        agree = float((out.argmax(-1) == eager.argmax(-1)).float().mean())  # greedy tokens
         dist.barrier(group=dec.w.mesh.cpu_group)
         t0 = time.perf_counter()
         for _ in range(dec.bench.steps):
@@ -144,7 +151,31 @@ def _graph_step(dec: _Decoder) -> dict:
     finally:
         graph.reset()  # release the captured collectives before any teardown
         _sync(dec.dev)
-    return {"graph_step_ms": seconds * 1e3, "graph_max_abs_logit_diff": diff}
+    return {f"{key}_step_ms": seconds * 1e3, f"{key}_max_abs_logit_diff": diff,
+            f"{key}_token_agreement": agree}
+
+
+def fused_step(dec: _Decoder, compile: bool = True, attention: str = "auto"):
+    """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
+    ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
+    the TP group's all-reduces: a function of no arguments returning the logits ``[B, vocab]``."""
+    from workbench.engine.fastpath import FusedDecoder
+    from workbench.kv.paged import PagedKVCache
+
+    w, B, pos, bs = dec.w, dec.B, dec.pos, 16
+    per_row = -(-(pos + 1) // bs)  # blocks a row needs for its context and this step's token
+    kv = PagedKVCache(w.local, B * per_row, bs, dec.dev, w.dtype)
+    for i in w.mesh.layers:  # [B, Hkv, pos, d] -> row b's blocks b * per_row ...
+        for pool, dense in ((kv.k[i], dec.kv.k[i]), (kv.v[i], dec.kv.v[i])):
+            pool.view(B, per_row * bs, *pool.shape[2:])[:, :pos] = dense[:, :, :pos].transpose(1, 2)
+    tables = torch.arange(B * per_row, device=dec.dev).view(B, per_row)  # [B, per_row]
+    slots = tables[:, pos // bs] * bs + pos % bs  # [B]
+    positions = torch.full((B,), pos, device=dec.dev)
+    lens = torch.full((B,), pos + 1, device=dec.dev)
+    group = w.mesh.tp_group
+    fused = FusedDecoder(w.model, kv, compile, attention, reduce=None if group is None else (
+        lambda t: dist.all_reduce(t, group=group)))
+    return lambda: fused(dec.tokens, positions, slots, tables, lens)
 
 
 def _bytes_read(worker: RankWorker) -> int:
@@ -177,8 +208,9 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                     _Decoder(worker, B, bench).timed(events)
                 mb_rows = -(-B // min(par.micro_batches, B))
                 ar_s = _allreduce_s(worker, mb_rows)
-                extra = _graph_step(dec) if (bench.cuda_graphs and par.pp == 1
-                                             and ctx.device.type == "cuda") else {}
+                graphs = par.pp == 1 and ctx.device.type == "cuda"
+                extra = _graph_step(dec) if bench.cuda_graphs and graphs else {}
+                extra |= _graph_step(dec, fused_step(dec), "fast") if bench.fast and graphs else {}
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)
@@ -216,9 +248,11 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
     if events:
         row |= {"bubble_measured": measured_bubble(events, par.pp),
                 "bubble_formula": bubble_formula(par.pp, m), "events": events}
-    if "graph_step_ms" in ranks[0]:
-        row |= {k: ranks[0][k] for k in ("graph_step_ms", "graph_max_abs_logit_diff")}
-        row["graph_over_floor"] = ranks[0]["graph_step_ms"] / 1e3 / floor
+    for key in ("graph", "fast"):
+        if f"{key}_step_ms" in ranks[0]:
+            row |= {k: ranks[0][k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
+                                             f"{key}_token_agreement")}
+            row[f"{key}_over_floor"] = ranks[0][f"{key}_step_ms"] / 1e3 / floor
     return row
 
 
