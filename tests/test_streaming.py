@@ -256,3 +256,39 @@ def test_generation_goes_on_past_the_context_in_constant_memory():
     ids = torch.tensor([[5, 6, 7, *out]])
     logits = _feed(model, SinkKVCache(model.config, StreamingConfig(sinks=2, window=6)), ids, 1)
     assert logits[0, 2:-1].argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_graph_mode_bookkeeping_on_the_device_gives_the_same_logits(sinks):
+    """The device-side slot and positions of graph mode (what a CUDA graph replays) give the logits
+    of the Python bookkeeping, token after token, through several turns of the ring."""
+    model = _model(**SHAPES[0])
+    ids = torch.randint(1, 64, (2, 60))
+    stream = StreamingConfig(sinks=sinks, window=7)
+    ref = _feed(model, SinkKVCache(model.config, stream, batch_size=2), ids, 1)
+    cache = SinkKVCache(model.config, stream, batch_size=2)
+    first = _feed(model, cache, ids[:, :12], 12)  # fill it (and more) in one chunk
+    with pytest.raises(WorkbenchError, match="full cache"):
+        SinkKVCache(model.config, stream).graph_mode()
+    cache.graph_mode()
+    rest = _feed(model, cache, ids[:, 12:], 1)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), ref, atol=1e-5, rtol=1e-5)
+    assert int(cache._seen_t) == cache.seen == 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_give_the_eager_logits():
+    from workbench.streaming.score import _graph_decode
+
+    torch.manual_seed(0)
+    model = LlamaModel(tiny_config(**SHAPES[0])).eval().to("cuda")
+    ids = torch.randint(1, 64, (40,), device="cuda")
+    stream, prefix = StreamingConfig(sinks=2, window=9), 11
+    cache = SinkKVCache(model.config, stream, 1, "cuda")
+    model(cache.next_batch(ids[None, :prefix]), cache)
+    step = _graph_decode(model, cache, ids, prefix)  # its warm-up fed ids[prefix] twice
+    fed = torch.cat([ids[:prefix], ids[prefix:prefix + 1].repeat(2), ids[prefix:prefix + 20]])
+    ref = _feed(model, SinkKVCache(model.config, stream, 1, "cuda"), fed[None], 1)
+    for i in range(20):
+        step(i)
+        torch.testing.assert_close(step.logits[0], ref[0, prefix + 2 + i], atol=1e-4, rtol=1e-4)

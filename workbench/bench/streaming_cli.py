@@ -38,6 +38,8 @@ def add_parser(bench_sub) -> None:
     b.add_argument("--rounds", type=int, default=2,
                    help="timing rounds, methods alternating; each method keeps its best round")
     b.add_argument("--time-only", action="store_true", help="only the time per token")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the rolling caches' decode step replayed from a CUDA graph (GPU)")
     b.add_argument("--device", default="auto")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -99,17 +101,26 @@ def run(args: argparse.Namespace) -> dict:
               "results": []}
     dense_n = min(len(ids), args.dense_max_tokens or len(ids))
     best = {method: math.inf for method in methods}
+    graphed = ([m for m in methods if m in ("window", "sinks")]
+               if args.cuda_graphs and device.type == "cuda" else [])
+    best_graph = {method: math.inf for method in graphed}
     for _ in range(args.rounds):  # alternate the methods: a busy spell slows them all alike
         for method in methods:
             timing_ids = ids[:dense_n] if method == "dense" else ids
             best[method] = min(best[method], time_per_token(
                 model, timing_ids, method, spec, steps=args.time_steps, warmup=warmup))
+            if method in graphed:
+                best_graph[method] = min(best_graph[method], time_per_token(
+                    model, ids, method, spec, steps=args.time_steps, warmup=warmup,
+                    cuda_graphs=True))
     scores = {}
     for method in methods:
         seconds = best[method]
         row = {"system": f"workbench/{method}", "method": method, "label": LABELS[method],
                "ms_per_token": seconds * 1e3, "output_tok_s": 1 / seconds,
                "timed_at_history": dense_n if method == "dense" else args.window}
+        if method in best_graph:
+            row["ms_per_token_cuda_graph"] = best_graph[method] * 1e3
         if not args.time_only:
             score = scores[method] = score_stream(model, ids, method, spec,
                                                   progress=not args.no_progress)
@@ -121,6 +132,8 @@ def run(args: argparse.Namespace) -> dict:
                     "forward_tokens": score.forward_tokens, "kv_tokens": score.kv_tokens}
         report["results"].append(row)
         print(f"{method:<10} {row['ms_per_token']:9.3f} ms/token"
+              + (f" ({row['ms_per_token_cuda_graph']:.3f} from a CUDA graph)"
+                 if "ms_per_token_cuda_graph" in row else "")
               + ("" if args.time_only else f"  ppl {row['ppl']:9.3f}"))
     report["comparison"] = _compare(report["results"], scores, context)
     write_report(report, args.json)
@@ -141,6 +154,9 @@ def _compare(rows: list[dict], scores: dict, context: int) -> dict:
     if "sinks" in by and "recompute" in by:
         out["speedup_sinks_vs_recompute"] = (by["recompute"]["ms_per_token"]
                                              / by["sinks"]["ms_per_token"])
+        if "ms_per_token_cuda_graph" in by["sinks"]:  # the rolling cache's step replayed
+            out["speedup_sinks_cuda_graph_vs_recompute"] = (
+                by["recompute"]["ms_per_token"] / by["sinks"]["ms_per_token_cuda_graph"])
     if "recompute" in scores:
         where = scores["recompute"].evaluated
         ref = scores["recompute"].ppl(where=where)

@@ -128,6 +128,20 @@ class SinkKVCache(KVCache):
         self._slots = torch.arange(self.capacity, device=device)  # [C]
         self.seen = 0  # stream tokens fed so far
         self._rope: tuple | None = None  # this step's (seen, cos/sin of keys and query)
+        self._seen_t: torch.Tensor | None = None  # the same count on the device (graph mode)
+
+    def graph_mode(self) -> None:
+        """Keep the step's bookkeeping on the device from now on, so that a decode step with a
+        full cache is a fixed sequence of kernels that a CUDA graph can capture and replay.
+
+        The slot written and the keys' positions are computed from a device copy of ``seen``
+        (incremented in place by :meth:`advance`) instead of Python integers; every shape is
+        already fixed once the cache is full (``capacity`` keys, the query at ``capacity - 1``).
+        A replay advances the device count only: the caller adds to ``seen`` per replay."""
+        if self.seen < self.capacity:
+            raise WorkbenchError(f"graph mode needs a full cache ({self.capacity} tokens), "
+                                 f"{self.seen} seen")
+        self._seen_t = torch.tensor(self.seen, device=self._slots.device)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -161,7 +175,14 @@ class SinkKVCache(KVCache):
         if self._rope is not None and self._rope[0] == self.seen:
             return self._rope[1:]
         P, C = self.seen, self.capacity  # token P is being written now
-        if P < C:  # nothing evicted yet: slot s holds token s at position s
+        if self._seen_t is not None:  # slot_positions(P + 1, ...) from the device count
+            k, w = self.sinks, self.window
+            newest = k + (self._seen_t - k) % w  # the slot token P goes to
+            age = (newest - self._slots[k:]) % w  # [w]
+            pos = torch.cat([self._slots[:k], C - 1 - age])  # [C]
+            cos_k, sin_k = self._cos[:, pos], self._sin[:, pos]  # [1, C, d]
+            cos_q, sin_q = self._cos[:, C - 1:], self._sin[:, C - 1:]
+        elif P < C:  # nothing evicted yet: slot s holds token s at position s
             cos_k, sin_k = self._cos[:, :P + 1], self._sin[:, :P + 1]
             cos_q, sin_q = self._cos[:, P:P + 1], self._sin[:, P:P + 1]
         else:  # full: the newest token is at position C - 1, the one before it at C - 2, ...
@@ -178,9 +199,14 @@ class SinkKVCache(KVCache):
         the held keys rotated at their positions and the values, [B, Hkv, S, d] in slot order."""
         if k.shape[2] != 1:
             raise ValueError("SinkKVCache.update takes one token; attend() handles chunks")
-        slot = self.slot_of(self.seen)
-        self.k[layer][:, :, slot] = k[:, :, 0]
-        self.v[layer][:, :, slot] = v[:, :, 0]
+        if self._seen_t is not None:  # graph mode: the slot from the device count
+            slot = (self.sinks + (self._seen_t - self.sinks) % self.window).view(1)
+            self.k[layer].index_copy_(2, slot, k)
+            self.v[layer].index_copy_(2, slot, v)
+        else:
+            slot = self.slot_of(self.seen)
+            self.k[layer][:, :, slot] = k[:, :, 0]
+            self.v[layer][:, :, slot] = v[:, :, 0]
         held = min(self.seen + 1, self.capacity)
         cos_k, sin_k, _, _ = self._decode_rope(k.dtype)
         keys = apply_rope(self.k[layer][:, :, :held], cos_k, sin_k)  # [B, Hkv, S, d]
@@ -268,6 +294,8 @@ class SinkKVCache(KVCache):
 
     def advance(self, batch: ForwardBatch) -> None:
         self.seen += batch.input_ids.shape[1]
+        if self._seen_t is not None:
+            self._seen_t += batch.input_ids.shape[1]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

@@ -204,11 +204,12 @@ def _score_recompute(model: LlamaModel, ids: torch.Tensor, spec: StreamEval, nll
 
 @torch.inference_mode()
 def time_per_token(model: LlamaModel, ids: torch.Tensor, method: str, spec: StreamEval,
-                   steps: int = 16, warmup: int = 2) -> float:
+                   steps: int = 16, warmup: int = 2, cuda_graphs: bool = False) -> float:
     """Seconds per new token in steady state: the rolling caches full, dense at ``len(ids)``
     tokens of history, recomputation over full windows. One decode step per token (one
     ``window``-token forward pass for recomputation); the median of ``steps`` timed steps, each
-    waited for (as a generator must, to hand the token out)."""
+    waited for (as a generator must, to hand the token out). ``cuda_graphs`` (GPU; the rolling
+    caches): each step is the replay of one captured decode step (:meth:`SinkKVCache.graph_mode`)."""
     if method not in METHODS:
         raise WorkbenchError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     dev, W, n = model.device, spec.window, len(ids)
@@ -234,12 +235,15 @@ def time_per_token(model: LlamaModel, ids: torch.Tensor, method: str, spec: Stre
             cache = SinkKVCache(model.config, spec.streaming(method), 1, dev, model.dtype)
             model(cache.next_batch(ids[None, :prefix]), cache, last_only=True)
 
-        def step(i: int) -> None:
+        def eager_step(i: int) -> None:
             p = prefix + i
             x = ids[None, p:p + 1]
             batch = (cache.next_batch(x) if method != "dense"
                      else ForwardBatch(x, torch.arange(p, p + 1, device=dev)[None], kv_start=p))
             model(batch, cache, last_only=True)
+        step = (_graph_decode(model, cache, ids, prefix)
+                if cuda_graphs and method in ("window", "sinks") and dev.type == "cuda"
+                else eager_step)
     for i in range(warmup):
         step(i)
     times = []
@@ -250,3 +254,30 @@ def time_per_token(model: LlamaModel, ids: torch.Tensor, method: str, spec: Stre
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _graph_decode(model: LlamaModel, cache, ids: torch.Tensor, prefix: int):
+    """A step function replaying one captured decode step of the full rolling ``cache``: token
+    ``prefix + i`` is copied into the graph's input, the graph writes its keys/values, attends and
+    advances the cache's device count (the Python count follows)."""
+    cache.graph_mode()
+    x = ids[None, prefix:prefix + 1].clone()  # [1, 1] the graph's input
+    batch = cache.next_batch(x)  # positions: capacity - 1 from now on
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (each call is a real step of the stream)
+        for _ in range(2):
+            model(batch, cache, last_only=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(batch, cache, last_only=True)  # [1, vocab], rewritten by each replay
+    cache.seen -= 1  # capture ran no kernel: the device count did not move, the Python one did
+
+    def step(i: int) -> None:
+        x.copy_(ids[None, prefix + i:prefix + i + 1])
+        graph.replay()
+        cache.seen += 1
+
+    step.logits = logits  # the stream it scored: ids[:prefix], ids[prefix] twice, then each step's
+    return step
