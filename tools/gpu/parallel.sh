@@ -9,7 +9,8 @@
 #                         decode step vs floor (weight bytes per GPU / measured bandwidth + 2 all-reduces
 #                         per layer at their measured latency), communication share
 #   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
-#   bench_tp_graphs.json  bench tp --cuda-graphs (GPU only; optional: a failure here does not fail the job)
+#   bench_tp_graphs.json  bench tp --cuda-graphs --fast: the plain step and the engine's fast path replayed from
+#                         CUDA graphs (GPU only; optional: a failure here does not fail the job)
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
 #   parallel.log          everything printed
 # Every stage has a timeout (the launcher stops all ranks if one fails or hangs); the stage limits add up to
@@ -51,9 +52,9 @@ timeout $T_TP $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $B
     --steps $STEPS --device $DEVICE --timeout $((T_TP - 10)) --json "$OUT/bench_tp.json" || fail=1
 
 if [ "$DEVICE" = cuda ]; then
-    step "bench tp --cuda-graphs"
+    step "bench tp --cuda-graphs --fast"
     timeout $T_GRAPHS $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-        --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --json "$OUT/bench_tp_graphs.json" \
+        --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --fast --json "$OUT/bench_tp_graphs.json" \
         || echo "cuda-graph run failed (the eager results stand)"
 fi
 
