@@ -149,13 +149,16 @@ def test_bench_offload_cli_smoke_and_bad_input(tmp_path, capsys):
     out = tmp_path / "offload.json"
     with torch_threads(1):
         rc = main(["bench", "offload", "--budget", "20MiB", "--batchings", "2x1,2x2",
+                   "--kv-cpu-batchings", "2x2",
                    "--prompt-len", "6", "--gen-len", "3", "--accelerate-batches", "2",
                    "--smoke", "--disk-dir", str(tmp_path / "disk"), "--json", str(out),
                    "--no-progress"])
     assert rc == 0
     report = json.loads(out.read_text())
     systems = [r["system"] for r in report["results"]]
-    assert systems == ["workbench/block", "workbench/block", "workbench/row", "accelerate/row"]
+    assert systems == ["workbench/block", "workbench/block", "workbench/row", "workbench/block",
+                       "workbench/row", "accelerate/row"]
+    assert [r["kv"] for r in report["results"][:5]] == [[100, 0, 0]] * 3 + [[0, 100, 0]] * 2
     assert report["hardware"]["device"] and "bar_10x_accelerate" in report["bars"]
     assert all(r["output_tok_s"] > 0 for r in report["results"])
     ours = [r for r in report["results"] if r["system"].startswith("workbench/")]

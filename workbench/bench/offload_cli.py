@@ -6,7 +6,8 @@ model on this machine (micro-benchmarks, then its compute terms fitted to short 
 first), then free our model's device memory entirely before Accelerate runs, so that each system's
 peak is its own. Accelerate gets ``max_memory`` = budget minus an estimate of its KV cache,
 activations and logits at each batch size; a probe run measures the peak and, when it exceeds the
-budget, ``max_memory`` is lowered by the excess and the same CPU weights are dispatched again.
+budget, ``max_memory`` is lowered by the excess and the same CPU weights are dispatched again
+(:func:`workbench.offload.bench.accelerate_baseline`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -186,8 +186,10 @@ def run(args: argparse.Namespace) -> dict:
     accelerate = ({"skipped": "compressed weights"} if args.compress_weights and acc_batches
                   else {})
     if hf is not None:
-        rows_acc, accelerate = _accelerate(hf, config, dtype, acc_batches, P, G, device, budget,
-                                           cal, weight_bytes, args)
+        from workbench.offload.bench import accelerate_baseline
+
+        rows_acc, accelerate = accelerate_baseline(hf, config, dtype, acc_batches, P, G, device,
+                                                   budget, cal, weight_bytes)
         rows += rows_acc
         phase("accelerate_s")
     calibration = {**cal.to_dict(), "disk_GB_s": cal.disk_Bps / 1e9,
@@ -238,68 +240,6 @@ def _choose_weights(text: str, device: torch.device, fits):
             return w
     raise WorkbenchError("no weights split fits the budget for these batchings: raise --budget "
                          "or use smaller batchings")
-
-
-def _accelerate(hf, config, dtype, batches, P, G, device, budget, cal, weight_bytes, args):
-    """Accelerate at each batch size, each dispatched with the most weights on the device that
-    leave room for that batch: ``max_memory`` = budget - estimate of what it does not cover (KV
-    cache, activations, logits, library workspaces), lowered by the excess while a probe run's
-    measured peak is over the budget (at most 3 dispatches per batch size)."""
-    from workbench.baselines.accelerate import cpu_state
-
-    state, folder = cpu_state(hf), Path(budget.disk_dir) / "accelerate"
-    rows, info = [], {"note": "one dispatch per batch size; see attempts", "attempts": []}
-    for b in batches:
-        try:  # the first batch size dispatches the model given, the others rebuild it from state
-            rows.append(_accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device,
-                                          budget, cal, weight_bytes))
-        except Exception as err:  # a failed baseline run must not cost our rows: record it
-            info.setdefault("errors", {})[str(b)] = f"{type(err).__name__}: {err}"
-        hf = None
-    return rows, info
-
-
-def _accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device, budget, cal,
-                      weight_bytes) -> dict:
-    """One batch size of :func:`_accelerate`: its row; every model it dispatched is released."""
-    from workbench.baselines.accelerate import (dispatch, hf_from_state, placement_summary,
-                                                release, run_accelerate)
-    from workbench.offload.bench import accelerate_rows, random_prompts
-    from workbench.offload.memory import plan_memory
-    from workbench.offload.policy import Policy, Split
-
-    plan = plan_memory(Policy(weights=Split(0, 100, 0), gpu_batch_size=b), config, dtype,
-                       device.type, P, G)
-    estimate = plan.kv + plan.activations + plan.workspace + plan.logits + plan.runtime
-    max_memory = budget.fast_bytes - estimate
-    probe_prompts = random_prompts(b, P, config.vocab_size, seed=98)
-    model = None
-    try:
-        for attempt in range(3):
-            model = hf if attempt == 0 and hf is not None else hf_from_state(config, state, dtype)
-            where = folder / f"batch{b}-{attempt}"  # a fresh offload folder for each dispatch
-            model, device_map = dispatch(model, device, max(max_memory, 0), where)
-            evict = where if "disk" in device_map.values() else None  # cold disk reads, as ours
-            probe = run_accelerate(model, probe_prompts, 2, device, evict=evict)  # + warm-up
-            info["attempts"].append({
-                "batch": b, "max_memory_bytes": max_memory, "overhead_estimate_bytes": estimate,
-                "probe_peak_fast_bytes": probe.peak_fast_bytes,
-                "weights_on_device_bytes": probe.fast_bytes_at_start,
-                "layers": placement_summary(device_map, config.num_hidden_layers)})
-            if probe.peak_fast_bytes is None or probe.peak_fast_bytes <= budget.fast_bytes \
-                    or attempt == 2:
-                break
-            release(model)
-            model = None
-            shutil.rmtree(where, ignore_errors=True)
-            max_memory -= probe.peak_fast_bytes - budget.fast_bytes + budget.fast_bytes // 50
-        row = accelerate_rows(model, [b], P, G, config.vocab_size, device, budget.fast_bytes,
-                              weight_bytes, cal, progress=False, evict=evict, warmed=(b,))[0]
-        return {**row, "max_memory_bytes": max_memory, "layers": info["attempts"][-1]["layers"]}
-    finally:
-        if model is not None:
-            release(model)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _print(report: dict) -> None:

@@ -15,8 +15,10 @@ issue's three bars, counting only runs whose measured peak stayed within the bud
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -201,3 +203,66 @@ def bars(rows: list[dict]) -> dict:
     out["bar_cost_model_25pct"] = (out["cost_model_max_abs_error"] is not None
                                    and out["cost_model_max_abs_error"] <= 0.25)
     return out
+
+
+def accelerate_baseline(hf, config, dtype, batches: list[int], P: int, G: int, device, budget,
+                        cal: Calibration, weight_bytes: int) -> tuple[list[dict], dict]:
+    """``bench offload``'s peer: Accelerate at each batch size (rows as :func:`accelerate_rows`
+    gives them, and what was tried), each dispatched with the most weights on the device that
+    leave room for that batch: ``max_memory`` = budget - estimate of what it does not cover (KV
+    cache, activations, logits, library workspaces), lowered by the excess while a probe run's
+    measured peak is over the budget (at most 3 dispatches per batch size)."""
+    from workbench.baselines.accelerate import cpu_state
+
+    state, folder = cpu_state(hf), Path(budget.disk_dir) / "accelerate"
+    rows, info = [], {"note": "one dispatch per batch size; see attempts", "attempts": []}
+    for b in batches:
+        try:  # the first batch size dispatches the model given, the others rebuild it from state
+            rows.append(_accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device,
+                                          budget, cal, weight_bytes))
+        except Exception as err:  # a failed baseline run must not cost our rows: record it
+            info.setdefault("errors", {})[str(b)] = f"{type(err).__name__}: {err}"
+        hf = None
+    return rows, info
+
+
+def _accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device, budget, cal,
+                      weight_bytes) -> dict:
+    """One batch size of :func:`accelerate_baseline`: its row; every model it dispatched is released."""
+    from workbench.baselines.accelerate import (dispatch, hf_from_state, placement_summary,
+                                                release, run_accelerate)
+    from workbench.offload.memory import plan_memory
+    from workbench.offload.policy import Policy, Split
+
+    plan = plan_memory(Policy(weights=Split(0, 100, 0), gpu_batch_size=b), config, dtype,
+                       device.type, P, G)
+    estimate = plan.kv + plan.activations + plan.workspace + plan.logits + plan.runtime
+    max_memory = budget.fast_bytes - estimate
+    probe_prompts = random_prompts(b, P, config.vocab_size, seed=98)
+    model = None
+    try:
+        for attempt in range(3):
+            model = hf if attempt == 0 and hf is not None else hf_from_state(config, state, dtype)
+            where = folder / f"batch{b}-{attempt}"  # a fresh offload folder for each dispatch
+            model, device_map = dispatch(model, device, max(max_memory, 0), where)
+            evict = where if "disk" in device_map.values() else None  # cold disk reads, as ours
+            probe = run_accelerate(model, probe_prompts, 2, device, evict=evict)  # + warm-up
+            info["attempts"].append({
+                "batch": b, "max_memory_bytes": max_memory, "overhead_estimate_bytes": estimate,
+                "probe_peak_fast_bytes": probe.peak_fast_bytes,
+                "weights_on_device_bytes": probe.fast_bytes_at_start,
+                "layers": placement_summary(device_map, config.num_hidden_layers)})
+            if probe.peak_fast_bytes is None or probe.peak_fast_bytes <= budget.fast_bytes \
+                    or attempt == 2:
+                break
+            release(model)
+            model = None
+            shutil.rmtree(where, ignore_errors=True)
+            max_memory -= probe.peak_fast_bytes - budget.fast_bytes + budget.fast_bytes // 50
+        row = accelerate_rows(model, [b], P, G, config.vocab_size, device, budget.fast_bytes,
+                              weight_bytes, cal, progress=False, evict=evict, warmed=(b,))[0]
+        return {**row, "max_memory_bytes": max_memory, "layers": info["attempts"][-1]["layers"]}
+    finally:
+        if model is not None:
+            release(model)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -131,12 +131,9 @@ class SinkKVCache(KVCache):
         self._seen_t: torch.Tensor | None = None  # the same count on the device (graph mode)
 
     def graph_mode(self) -> None:
-        """Keep the step's bookkeeping on the device from now on, so that a decode step with a
-        full cache is a fixed sequence of kernels that a CUDA graph can capture and replay.
-
-        The slot written and the keys' positions are computed from a device copy of ``seen``
-        (incremented in place by :meth:`advance`) instead of Python integers; every shape is
-        already fixed once the cache is full (``capacity`` keys, the query at ``capacity - 1``).
+        """From now on the slot written and the keys' positions come from a device copy of
+        ``seen`` (advanced in place), not Python integers: with a full cache (shapes fixed) a
+        decode step is then a fixed kernel sequence that a CUDA graph can capture and replay.
         A replay advances the device count only: the caller adds to ``seen`` per replay."""
         if self.seen < self.capacity:
             raise WorkbenchError(f"graph mode needs a full cache ({self.capacity} tokens), "
