@@ -82,8 +82,9 @@ def evaluate(model: LlamaModel, held: torch.Tensor, batch_size: int, autocast) -
 
 
 def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, device: str = "cuda",
-          progress: bool = True) -> dict:
-    """Train on ``data_dir/{train,heldout}.npy``; save the best checkpoint to ``out_dir``."""
+          progress: bool = True, keep_last: bool = False) -> dict:
+    """Train on ``data_dir/{train,heldout}.npy``; save the best checkpoint to ``out_dir`` (and,
+    with ``keep_last``, the weights of the last step to ``out_dir / "last"``)."""
     from tqdm.auto import tqdm
 
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -135,6 +136,8 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, device: str = "cuda",
                               model.state_dict().items()}
                 log["best"] = {"step": step + 1, "held_out_loss": held_loss}
     log["seconds"] = time.time() - t0
+    if keep_last:
+        save_checkpoint(model, out_dir / "last")
     model.load_state_dict(best_state)
     save_checkpoint(model, out_dir)
     (out_dir / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
