@@ -2,6 +2,7 @@
 
     python tools/sink_experiment.py prepare --out build/sinks-corpus          # here (CPU)
     python tools/sink_experiment.py run --data build/sinks-corpus --out $OUT --steps 4000   # GPU
+    ... run ... --extra-root SITE_PACKAGES --extra-chars 200000000   # more (third-party) Python to train on
 
 ``prepare`` tokenizes this Python's standard library (the bundled model's corpus and held-out rule)
 with the bundled tokenizer. ``run`` trains the bundled model's shape with its recipe
@@ -10,7 +11,9 @@ the bundled model is) and the last one, then measures each: held-out loss, the a
 queries put on the first 4 tokens (``workbench.streaming.probe``; uniform attention would give
 about 0.03), and the perplexity of window attention without sinks against sinks + window and
 recomputation on a held-out stream (``workbench.streaming.score``). StreamingLLM's window baseline
-collapses only in models that put a large share of attention on the first tokens.
+collapses only in models that put a large share of attention on the first tokens. ``--extra-root``
+adds the Python files under a folder (e.g. the GPU machine's site-packages, tokenized there) to the
+training tokens, to see whether more data grows sinks; the held-out stream stays the stdlib's.
 """
 
 import argparse
@@ -67,10 +70,43 @@ def measure(model_dir: Path, device: str) -> dict:
             "window_over_sinks_after_first_window": scores["window"].ppl(256) / scores["sinks"].ppl(256)}
 
 
-def run(data: Path, out: Path, steps: int, device: str) -> None:
+def extra_tokens(root: Path, max_chars: int, data: Path, into: Path) -> dict:
+    """``data``'s corpus plus the .py files under ``root`` (up to ``max_chars`` characters, files in
+    sorted order, each ending in EOS) as a new corpus folder ``into``."""
+    tok = load_tokenizer("bundled")
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    texts, chars = [], 0
+    for path in sorted(root.rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip() or len(text) > 2_000_000:
+            continue
+        texts.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            break
+    ids = [e + [eos] for e in tok(texts, verbose=False)["input_ids"]]
+    extra = np.concatenate(ids).astype(np.uint16)
+    into.mkdir(parents=True, exist_ok=True)
+    np.save(into / "train.npy", np.concatenate([np.load(data / "train.npy"), extra]))
+    shutil.copy(data / "heldout.npy", into / "heldout.npy")
+    shutil.copy(data / "meta.json", into / "meta.json")
+    return {"extra_root": str(root), "extra_files": len(texts), "extra_chars": chars,
+            "extra_tokens": int(len(extra)), "stdlib_train_tokens": int(len(np.load(data / "train.npy")))}
+
+
+def run(data: Path, out: Path, steps: int, device: str, extra_root: Path | None = None,
+        extra_chars: int = 0, skip_bundled: bool = False) -> None:
     from workbench.training.train import TrainConfig, train
 
     model_dir = out / "model"
+    corpus = {}
+    if extra_root is not None:
+        corpus = extra_tokens(extra_root, extra_chars, data, out / "corpus")
+        data = out / "corpus"
+        print(corpus, flush=True)
     log = train(data, model_dir, TrainConfig(steps=steps, eval_every=250), device, progress=False,
                 keep_last=True)
     bundled = resolve_model_dir("bundled")
@@ -78,12 +114,14 @@ def run(data: Path, out: Path, steps: int, device: str) -> None:
         for name in TOKENIZER_FILES:
             shutil.copy(bundled / name, d / name)
     result = {"steps": steps, "best": log["best"], "eval": log["eval"], "seconds": log["seconds"],
-              "device": log["device"]}
-    for name, d in (("best", model_dir), ("last", model_dir / "last"), ("bundled", bundled)):
+              "device": log["device"], "corpus": corpus}
+    checkpoints = [("best", model_dir), ("last", model_dir / "last")]
+    for name, d in checkpoints + ([] if skip_bundled else [("bundled", bundled)]):
         result[name + "_measured"] = measure(d, device)
         print(name, json.dumps(result[name + "_measured"], indent=1), flush=True)
     (out / "sink-experiment.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(model_dir)  # checkpoints stay on the GPU machine; the JSON comes back
+    shutil.rmtree(out / "corpus", ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -97,8 +135,12 @@ if __name__ == "__main__":
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--steps", type=int, default=4000)
     r.add_argument("--device", default="cuda")
+    r.add_argument("--extra-root", type=Path, default=None)
+    r.add_argument("--extra-chars", type=int, default=200_000_000)
+    r.add_argument("--skip-bundled", action="store_true")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out)
     else:
-        run(args.data, args.out, args.steps, args.device)
+        run(args.data, args.out, args.steps, args.device, args.extra_root, args.extra_chars,
+            args.skip_bundled)
