@@ -128,3 +128,10 @@ def test_cli_parallel_flags(tmp_path, capsys):
     assert main([*common, "--output", str(out2), "--tp", "2", "--micro-batches", "2"]) == 0
     one = [json.loads(x)["output_ids"] for x in out1.read_text().splitlines()]
     assert [json.loads(x)["output_ids"] for x in out2.read_text().splitlines()] == one
+    out3 = tmp_path / "tp-paged.jsonl"  # the continuous engine's paged pool on every rank
+    assert main([*common, "--output", str(out3), "--tp", "2", "--strategy", "continuous",
+                 "--kv", "paged", "--block-size", "4", "--prefix-caching"]) == 0
+    assert [json.loads(x)["output_ids"] for x in out3.read_text().splitlines()] == one
+    assert main([*common, "--output", str(out3), "--tp", "2", "--strategy", "continuous",
+                 "--kv", "paged", "--fast"]) == 2
+    assert "cannot be combined with --tp/--pp" in capsys.readouterr().err

@@ -38,12 +38,17 @@ GRIDS = {"TP4": (ParallelConfig(tp=4), "static"),
          "TP2": (ParallelConfig(tp=2), "static"),  # ranks 2 and 3 sit these out
          "TP2-vocab-cont": (ParallelConfig(tp=2, vocab_parallel=True), "continuous"),
          "PP2": (ParallelConfig(pp=2, micro_batches=3), "static"),
-         "PP2-cont": (ParallelConfig(pp=2), "continuous")}
+         "PP2-cont": (ParallelConfig(pp=2), "continuous"),
+         # paged KV on every rank, a pool small enough to preempt (swap) and a prefix cache
+         "TP2-paged": (ParallelConfig(tp=2), "continuous"),
+         "TP2xPP2-paged": (ParallelConfig(tp=2, pp=2), "continuous")}
 CASES = [(name, grid) for name in ("gqa", "bundled") for grid in GRIDS] + [
     ("mha-bias-tied", "TP4-vocab-cont"), ("mha-bias-tied", "PP4"),  # uneven vocab and stages
     ("mha-bias-tied", "TP2xPP2-cont"), ("llama3-biases", "TP4"), ("llama3-biases", "TP2xPP2"),
     ("llama3-biases", "PP2")]
 ENGINE = EngineConfig(max_num_seqs=3, max_num_batched_tokens=64)
+PAGED = EngineConfig(max_num_seqs=3, max_num_batched_tokens=64, kv="paged", block_size=2,
+                     num_blocks=12, preemption="swap", num_cpu_blocks=32, prefix_caching=True)
 
 
 def _requests(model_dir, vocab: int) -> tuple[Request, ...]:
@@ -83,7 +88,7 @@ def runs(models):
         path, requests, _ = models[name]
         par, strategy = GRIDS[grid]
         jobs.append(GenerateJob(path, requests, par, strategy, batch_size=len(requests),
-                                engine=ENGINE))
+                                engine=PAGED if grid.endswith("paged") else ENGINE))
     return dict(zip(CASES, generate_parallel(jobs, timeout_s=240)))
 
 
@@ -116,3 +121,37 @@ def test_pipeline_records_fill_drain_timeline(runs):
     assert {mb for _, mb in by_stage[0]} == {0, 1, 2}  # 4 rows in 3 micro-batches
     for key, e1 in by_stage[1].items():
         assert e1.start >= by_stage[0][key].end - 1e-3
+
+
+def test_paged_pools_follow_the_drivers_block_moves(runs):
+    """The paged runs above really moved blocks between steps (swaps out and in), which every
+    follower replayed on its own pool: otherwise their tokens could not match."""
+    for name in ("gqa", "bundled"):
+        for grid in ("TP2-paged", "TP2xPP2-paged"):
+            moves = runs[(name, grid)]["block_moves"]
+            assert moves.get("swap_out", 0) > 0 and moves.get("swap_in", 0) > 0, (name, grid, moves)
+
+
+
+def test_cuda_graphs_across_ranks_is_a_clear_error():
+    from workbench.errors import WorkbenchError
+
+    job = GenerateJob("bundled", (Request((1, 2, 3), 2),), ParallelConfig(tp=2), "continuous",
+                      engine=EngineConfig(kv="paged", cuda_graphs=True))
+    with pytest.raises(WorkbenchError, match="not supported across ranks"):
+        generate_parallel(job)
+
+
+def test_a_stage_pool_holds_only_its_layers():
+    from workbench.kv.paged import PagedKVCache
+
+    config = tiny_config(num_hidden_layers=4)
+    kv = PagedKVCache(config, 6, 2, num_cpu_blocks=3, layers=range(2, 4))
+    assert [p is None for p in kv.k] == [True, True, False, False]
+    whole = PagedKVCache(config, 6, 2, num_cpu_blocks=3)
+    assert kv.nbytes() * 2 == whole.nbytes()
+    kv.k[2][1].fill_(1.0)
+    kv.swap_out([1], [0])
+    kv.swap_in([0], [4])
+    kv.copy_block(4, 5)
+    assert kv.k[2][5].eq(1.0).all() and kv.k[3][5].eq(0.0).all()

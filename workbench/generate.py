@@ -111,11 +111,14 @@ def generate_file(args: argparse.Namespace) -> None:
     paged_only = [f"--{n.replace('_', '-')}" for n in ("num_blocks", "prefix_caching", "fast")
                   if getattr(args, n, None)]
     if getattr(args, "kv", "contiguous") == "paged" or paged_only:
-        if args.strategy != "continuous" or parallel:
-            raise WorkbenchError("paged KV storage is served by the continuous engine on one "
-                                 "device: use --strategy continuous (without --tp/--pp)")
+        if args.strategy != "continuous":
+            raise WorkbenchError("paged KV storage is served by the continuous engine: use "
+                                 "--strategy continuous")
         if args.kv != "paged":
             raise WorkbenchError(f"{', '.join(paged_only)} need(s) --kv paged")
+        if parallel and args.fast:
+            raise WorkbenchError("--fast (CUDA graphs) runs on one device: it cannot be combined "
+                                 "with --tp/--pp")
     if parallel and getattr(args, "quant", None):
         raise WorkbenchError("--quant runs on one device: it cannot be combined with --tp/--pp")
     if parallel:  # each rank loads only its shard, in its own process
@@ -138,14 +141,11 @@ def generate_file(args: argparse.Namespace) -> None:
         if run is None:
             return  # not rank 0 of a torchrun job: rank 0 writes the output
     elif args.strategy == "continuous":
-        paged = dict(kv="paged", block_size=args.block_size, num_blocks=args.num_blocks,
-                     prefix_caching=args.prefix_caching, cuda_graphs=args.fast,
-                     compile=args.fast) if args.kv == "paged" else {}
         config = EngineConfig(max_num_seqs=args.batch_size,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               chunked_prefill=args.chunked_prefill,
                               max_model_len=max(len(r.prompt_ids) + r.max_new_tokens
-                                                for r in requests), **paged)
+                                                for r in requests), **_paged(args))
         run = run_continuous(model, requests, config, sampling, progress=not args.no_progress)
     else:
         run = run_static(model, requests, args.batch_size, sampling,
@@ -172,6 +172,14 @@ def generate_file(args: argparse.Namespace) -> None:
             raise WorkbenchError(f"cannot write {args.output}: {err}") from None
 
 
+def _paged(args: argparse.Namespace) -> dict:
+    """The continuous engine's paged-KV options from the command line ({} for ``--kv contiguous``)."""
+    if getattr(args, "kv", "contiguous") != "paged":
+        return {}
+    return dict(kv="paged", block_size=args.block_size, num_blocks=args.num_blocks,
+                prefix_caching=args.prefix_caching, cuda_graphs=args.fast, compile=args.fast)
+
+
 def _run_parallel(args: argparse.Namespace, requests: list, sampling, device: torch.device):
     """``--tp/--pp``: under torchrun, this process is one rank; otherwise spawn them here."""
     from workbench.engine import EngineConfig
@@ -179,7 +187,7 @@ def _run_parallel(args: argparse.Namespace, requests: list, sampling, device: to
 
     config = EngineConfig(max_num_seqs=args.batch_size,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          chunked_prefill=args.chunked_prefill)
+                          chunked_prefill=args.chunked_prefill, **_paged(args))
     job = GenerateJob(args.model, tuple(requests),
                       ParallelConfig(tp=args.tp, pp=args.pp, micro_batches=args.micro_batches),
                       args.strategy, args.batch_size, config, sampling, args.dtype)

@@ -54,7 +54,8 @@ class ContinuousEngine:
             self.num_blocks = config.num_blocks or config.max_num_seqs * per_seq
             # one more block than the scheduler hands out: padding rows of CUDA graphs write there
             self.kv = PagedKVCache(model.config, self.num_blocks + 1, config.block_size,
-                                   model.device, model.dtype, config.num_cpu_blocks)
+                                   model.device, model.dtype, config.num_cpu_blocks,
+                                   layers=getattr(model, "kv_layers", None))  # a stage's (PP)
             self.scheduler: Scheduler = PagedScheduler(config, self.num_blocks)
         else:
             self.kv = SlotKVCache(model.config, config.max_num_seqs, self.max_len, model.device,

@@ -42,20 +42,31 @@ def gather_blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 class PagedKVCache(KVCache):
-    """Block pools per layer; the packed batch's ``layout`` carries slots and block tables."""
+    """Block pools per layer; the packed batch's ``layout`` carries slots and block tables.
+
+    ``layers``: the layers this storage serves (a pipeline stage's); the others hold no pool
+    (``None``), and block moves skip them."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 num_cpu_blocks: int = 0) -> None:
+                 num_cpu_blocks: int = 0, layers: range | None = None) -> None:
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        layers = config.num_hidden_layers
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        held = range(config.num_hidden_layers) if layers is None else layers
+        mine = [i in held for i in range(config.num_hidden_layers)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) if m else None for m in mine]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) if m else None for m in mine]
         cpu_shape = (num_cpu_blocks,) + shape[1:]
         pin = torch.device(device).type == "cuda"
-        self.cpu_k = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) for _ in range(layers)]
-        self.cpu_v = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) for _ in range(layers)]
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.cpu_k = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) if m else None
+                      for m in mine]
+        self.cpu_v = [torch.zeros(cpu_shape, dtype=dtype, pin_memory=pin) if m else None
+                      for m in mine]
+        self.num_blocks, self.block_size, self.num_cpu_blocks = num_blocks, block_size, num_cpu_blocks
+        self.device = torch.device(device)
+
+    def _pools(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device pool, CPU pool) of every held layer, keys then values."""
+        return [(p, c) for p, c in zip(self.k + self.v, self.cpu_k + self.cpu_v) if p is not None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,24 +117,24 @@ class PagedKVCache(KVCache):
         pass  # the engine's block tables and lengths already say what is cached
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(p.numel() * p.element_size() for p, _ in self._pools())
 
     # --- moving blocks ----------------------------------------------------------------------
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: a shared block's contents into a sequence's new private block."""
-        for pool in self.k + self.v:
+        for pool, _ in self._pools():
             pool[dst].copy_(pool[src])
 
     def swap_out(self, blocks: list[int], cpu_blocks: list[int]) -> None:
         """Copy device blocks to the CPU pool (preemption by swapping)."""
-        src = torch.tensor(blocks, device=self.k[0].device)
+        src = torch.tensor(blocks, device=self.device)
         dst = torch.tensor(cpu_blocks)
-        for pool, cpu in zip(self.k + self.v, self.cpu_k + self.cpu_v):
+        for pool, cpu in self._pools():
             cpu[dst] = pool[src].cpu()
 
     def swap_in(self, cpu_blocks: list[int], blocks: list[int]) -> None:
         """Copy CPU-pool blocks back into (new) device blocks (resuming a swapped sequence)."""
         src = torch.tensor(cpu_blocks)
-        dst = torch.tensor(blocks, device=self.k[0].device)
-        for pool, cpu in zip(self.k + self.v, self.cpu_k + self.cpu_v):
+        dst = torch.tensor(blocks, device=self.device)
+        for pool, cpu in self._pools():
             pool[dst] = cpu[src].to(pool.device, non_blocking=True)

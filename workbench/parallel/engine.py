@@ -8,6 +8,12 @@ of its pipeline stage. The last stage's logits travel back to rank 0, which samp
 next step's batch carries the new tokens to everyone. The other ranks are *followers*: they loop
 on the broadcasts until the driver says stop. This is the shape of vLLM's multi-GPU executor.
 
+With paged KV storage (``EngineConfig(kv="paged")``) every rank holds the same block pool for its
+own heads: the scheduler's block tables travel in the packed layout, and the block moves it orders
+between steps (swaps to and from CPU blocks, copy-on-write copies) are recorded on the driver's
+pool and replayed by every follower before the next forward, as vLLM's workers apply the
+scheduler's ``blocks_to_swap`` / ``blocks_to_copy``. CUDA graphs are not captured across ranks.
+
 Notebooks 04 and 05 use :func:`generate_parallel`; ``torchrun -m workbench generate --tp N``
 reaches :func:`generate_worker` through :func:`run_cli_job`.
 """
@@ -25,6 +31,7 @@ from workbench.engine import EngineConfig, EngineRun, Request, SamplingParams
 from workbench.errors import WorkbenchError
 from workbench.kv.base import KVCache
 from workbench.kv.contiguous import ContiguousKVCache
+from workbench.kv.paged import PagedKVCache
 from workbench.kv.slots import SlotKVCache
 from workbench.model.batch import ForwardBatch, PackedLayout
 from workbench.model.config import ModelConfig
@@ -99,8 +106,26 @@ def kv_spec(kv: KVCache) -> tuple:
         return ("contiguous", first.shape[0], kv.max_len)
     if isinstance(kv, SlotKVCache):
         return ("slots", kv.num_slots, kv.max_len)
-    raise WorkbenchError(f"parallel generation supports contiguous and slot KV storage, not "
-                         f"{type(kv).__name__}")
+    if isinstance(kv, PagedKVCache):
+        return ("paged", kv.num_blocks, kv.block_size, kv.num_cpu_blocks)
+    raise WorkbenchError(f"parallel generation supports contiguous, slot and paged KV storage, "
+                         f"not {type(kv).__name__}")
+
+
+BLOCK_MOVES = ("swap_out", "swap_in", "copy_block")  # what the engine does to a pool between steps
+
+
+def record_block_moves(kv: KVCache, moves: list) -> None:
+    """Make the driver's paged pool note every block move into ``moves`` (and still do it), so
+    that the followers can replay them on theirs."""
+    for name in BLOCK_MOVES:
+        do = getattr(kv, name)
+
+        def recorded(*args, _name=name, _do=do):
+            moves.append((_name, args))
+            return _do(*args)
+
+        setattr(kv, name, recorded)
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -158,11 +183,14 @@ class RankWorker:
         return None
 
     def make_kv(self, spec: tuple) -> KVCache:
-        kind, rows, max_len = spec
+        kind, rows, size, *rest = spec
         if kind == "contiguous":
-            return ContiguousKVCache(self.local, rows, max_len, self.ctx.device, self.dtype,
+            return ContiguousKVCache(self.local, rows, size, self.ctx.device, self.dtype,
                                      layers=self.mesh.layers)
-        return SlotKVCache(self.local, rows, max_len, self.ctx.device, self.dtype)
+        if kind == "paged":  # rows blocks of size tokens (+ CPU blocks for swapping)
+            return PagedKVCache(self.local, rows, size, self.ctx.device, self.dtype, rest[0],
+                                layers=self.mesh.layers)
+        return SlotKVCache(self.local, rows, size, self.ctx.device, self.dtype)
 
     def broadcast(self, message) -> object:
         box = [message]
@@ -172,29 +200,40 @@ class RankWorker:
     def follow(self) -> None:
         """Followers: run each forward pass the driver broadcasts, until it sends None."""
         while (message := self.broadcast(None)) is not None:
-            wire, spec, last_only = message
+            wire, spec, last_only, moves = message
             if spec is not None:
                 self.kv = self.make_kv(spec)
+            for name, args in moves:  # the driver's block moves since the last step, in order
+                getattr(self.kv, name)(*args)
             self.execute(wire_to_batch(wire, self.ctx.device), self.kv, last_only)
 
 
 class DistributedModel:
     """What the engine on rank 0 calls as its model: broadcast the batch, run rank 0's part.
 
-    ``config`` is the TP shard's shape, so the engine's KV storage holds this rank's heads.
+    ``config`` is the TP shard's shape, so the engine's KV storage holds this rank's heads;
+    ``kv_layers`` its stage's layers, so a paged pool holds only those.
     """
 
     def __init__(self, worker: RankWorker) -> None:
-        self.worker, self.config = worker, worker.local
+        self.worker, self.config, self.kv_layers = worker, worker.local, worker.mesh.layers
         self.device, self.dtype = worker.ctx.device, worker.dtype
         self._kv: KVCache | None = None
+        self._moves: list = []  # block moves of the driver's pool not yet sent
+        self.moves_sent: dict[str, int] = {}  # how many of each kind went to the followers
 
     def __call__(self, batch: ForwardBatch, kv: KVCache | None = None,
                  last_only: bool = False) -> torch.Tensor:
         spec = None
         if kv is not self._kv:  # a new storage: followers allocate their part of it
             self._kv, spec = kv, kv_spec(kv)
-        self.worker.broadcast((batch_to_wire(batch), spec, last_only))
+            if isinstance(kv, PagedKVCache):
+                self._moves = []
+                record_block_moves(kv, self._moves)
+        moves, self._moves[:] = list(self._moves), []
+        for name, _ in moves:
+            self.moves_sent[name] = self.moves_sent.get(name, 0) + 1
+        self.worker.broadcast((batch_to_wire(batch), spec, last_only, moves))
         return self.worker.execute(batch, kv, last_only)
 
     def close(self) -> None:
@@ -212,8 +251,9 @@ def _serve(job: GenerateJob, model: DistributedModel) -> EngineRun:
 
 
 def generate_worker(ctx: DistContext, jobs: list[GenerateJob]) -> list[dict | None]:
-    """Run each job on this rank; rank 0 returns, per job, the engine's run and every rank's
-    timeline (stage events), stage layers and bytes read; other ranks return Nones."""
+    """Run each job on this rank; rank 0 returns, per job, the engine's run, every rank's
+    timeline (stage events), stage layers and bytes read, and the paged pool's block moves sent to
+    the followers; other ranks return Nones."""
     out: list[dict | None] = []
     for job in jobs:
         worker = RankWorker.load(ctx, job.model, job.parallel, getattr(torch, job.dtype))
@@ -227,6 +267,7 @@ def generate_worker(ctx: DistContext, jobs: list[GenerateJob]) -> list[dict | No
                     run = _serve(job, model)
                 finally:
                     model.close()
+                moves = model.moves_sent
             else:
                 worker.follow()
         mine = {"rank": ctx.rank, "stage": worker.mesh.stage, "tp_rank": worker.mesh.tp_rank,
@@ -234,12 +275,16 @@ def generate_worker(ctx: DistContext, jobs: list[GenerateJob]) -> list[dict | No
                 "bytes_read": worker.bytes_read, "events": worker.events}
         gathered = [None] * job.parallel.world_size if ctx.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0, group=worker.mesh.cpu_group)
-        out.append({"run": run, "ranks": gathered} if ctx.rank == 0 else None)
+        out.append({"run": run, "ranks": gathered, "block_moves": moves} if ctx.rank == 0
+                   else None)
     return out
 
 
 def _check(job: GenerateJob) -> None:
     """Sizes that cannot work fail here, in one line, before any rank starts."""
+    if job.strategy == "continuous" and job.engine.cuda_graphs:
+        raise WorkbenchError("cuda_graphs is not supported across ranks: each step's batch is "
+                             "broadcast from rank 0 (bench tp --fast times graph-replayed steps)")
     config = config_of(job.model)
     check_tp(config, job.parallel.tp)
     balanced_stages(config, job.parallel.pp)
