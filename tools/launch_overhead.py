@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from workbench.engine.cudagraph import capture_graph
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--n", type=int, default=20000)
 parser.add_argument("--json", default=None)
@@ -30,15 +32,7 @@ torch.cuda.synchronize()
 eager_us = (time.perf_counter() - t0) / args.n * 1e6
 
 per_graph = 1000
-stream = torch.cuda.Stream()
-stream.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(stream):
-    x.add_(1)
-torch.cuda.current_stream().wait_stream(stream)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    for _ in range(per_graph):
-        x.add_(1)
+graph, _ = capture_graph(lambda: [x.add_(1) for _ in range(per_graph)])
 graph.replay()
 torch.cuda.synchronize()
 reps = max(1, args.n // per_graph)

@@ -15,7 +15,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from workbench.engine.cudagraph import replay_ms
+from workbench.engine.cudagraph import capture_graph, replay_ms
 from workbench.engine.fastpath import FusedDecoder
 from workbench.hardware import detect, measure_roofline
 from workbench.kv.paged import PagedKVCache, kv_bytes_per_token
@@ -79,15 +79,7 @@ def step_fn(name: str, b: int, ctx: int):
 
 @torch.inference_mode()
 def graph_ms(fn, replays: int = 30) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn, warmup=3)
     ms = replay_ms(graph, replays)
     del graph
     return ms

@@ -31,21 +31,29 @@ sys.path.insert(0, str(ROOT))
 from workbench.model.loading import load_model, resolve_model_dir  # noqa: E402
 from workbench.model import load_tokenizer  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from workbench.training.__main__ import TOKENIZER_FILES  # noqa: E402
+from workbench.training.tokenizer import EOS  # noqa: E402
+
+
+def encode(texts: list[str]) -> np.ndarray:
+    """Token ids of ``texts`` with the bundled tokenizer, each text ending in EOS (uint16)."""
+    tok = load_tokenizer("bundled")
+    eos = tok.convert_tokens_to_ids(EOS)
+    return np.concatenate([ids + [eos] for ids in tok(texts, verbose=False)["input_ids"]]
+                          ).astype(np.uint16)
 
 
 def prepare(out: Path) -> None:
     from workbench.training.corpus import build_corpus
 
     tok = load_tokenizer("bundled")
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
     train_docs, held_docs, manifest = build_corpus()
     out.mkdir(parents=True, exist_ok=True)
     for name, docs in (("train", train_docs), ("heldout", held_docs)):
-        ids = [tok(d.text, verbose=False)["input_ids"] + [eos] for d in docs]
-        np.save(out / f"{name}.npy", np.concatenate(ids).astype(np.uint16))
-        manifest[f"{name}_tokens"] = sum(map(len, ids))
-    manifest |= {"vocab_size": len(tok), "eos_id": eos}
+        ids = encode([d.text for d in docs])
+        np.save(out / f"{name}.npy", ids)
+        manifest[f"{name}_tokens"] = len(ids)
+    manifest |= {"vocab_size": len(tok), "eos_id": tok.convert_tokens_to_ids(EOS)}
     (out / "meta.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print({k: v for k, v in manifest.items() if k != "held_out_files"})
 
@@ -73,8 +81,6 @@ def measure(model_dir: Path, device: str) -> dict:
 def extra_tokens(root: Path, max_chars: int, data: Path, into: Path) -> dict:
     """``data``'s corpus plus the .py files under ``root`` (up to ``max_chars`` characters, files in
     sorted order, each ending in EOS) as a new corpus folder ``into``."""
-    tok = load_tokenizer("bundled")
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
     texts, chars = [], 0
     for path in sorted(root.rglob("*.py")):
         try:
@@ -87,14 +93,13 @@ def extra_tokens(root: Path, max_chars: int, data: Path, into: Path) -> dict:
         chars += len(text)
         if chars >= max_chars:
             break
-    ids = [e + [eos] for e in tok(texts, verbose=False)["input_ids"]]
-    extra = np.concatenate(ids).astype(np.uint16)
+    extra, stdlib = encode(texts), np.load(data / "train.npy")
     into.mkdir(parents=True, exist_ok=True)
-    np.save(into / "train.npy", np.concatenate([np.load(data / "train.npy"), extra]))
+    np.save(into / "train.npy", np.concatenate([stdlib, extra]))
     shutil.copy(data / "heldout.npy", into / "heldout.npy")
     shutil.copy(data / "meta.json", into / "meta.json")
     return {"extra_root": str(root), "extra_files": len(texts), "extra_chars": chars,
-            "extra_tokens": int(len(extra)), "stdlib_train_tokens": int(len(np.load(data / "train.npy")))}
+            "extra_tokens": len(extra), "stdlib_train_tokens": len(stdlib)}
 
 
 def run(data: Path, out: Path, steps: int, device: str, extra_root: Path | None = None,

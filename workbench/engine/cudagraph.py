@@ -35,6 +35,22 @@ def buckets(largest: int) -> list[int]:
     return sizes + [largest]
 
 
+def capture_graph(fn, warmup: int = 1) -> tuple["torch.cuda.CUDAGraph", object]:
+    """Run ``fn`` ``warmup`` times on a side stream (cuBLAS handles, compiled kernels, allocator:
+    nothing of that may happen during capture), then capture one call in a CUDA graph. Returns the
+    graph and what the captured call returned (tensors that every replay rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def replay_ms(graph: "torch.cuda.CUDAGraph", replays: int = 50) -> float:
     """Median GPU time of one replay of ``graph`` (CUDA events around each replay)."""
     times = []

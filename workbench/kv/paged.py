@@ -63,6 +63,12 @@ class PagedKVCache(KVCache):
                       for m in mine]
         self.num_blocks, self.block_size, self.num_cpu_blocks = num_blocks, block_size, num_cpu_blocks
         self.device = torch.device(device)
+        self.move_log: list | None = None  # set: every block move is noted, (name, args)
+
+    def _note(self, name: str, *args) -> None:
+        """Note a block move for whoever replays them (the followers of parallel generation)."""
+        if self.move_log is not None:
+            self.move_log.append((name, args))
 
     def _pools(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(device pool, CPU pool) of every held layer, keys then values."""
@@ -122,11 +128,13 @@ class PagedKVCache(KVCache):
     # --- moving blocks ----------------------------------------------------------------------
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: a shared block's contents into a sequence's new private block."""
+        self._note("copy_block", src, dst)
         for pool, _ in self._pools():
             pool[dst].copy_(pool[src])
 
     def swap_out(self, blocks: list[int], cpu_blocks: list[int]) -> None:
         """Copy device blocks to the CPU pool (preemption by swapping)."""
+        self._note("swap_out", blocks, cpu_blocks)
         src = torch.tensor(blocks, device=self.device)
         dst = torch.tensor(cpu_blocks)
         for pool, cpu in self._pools():
@@ -134,6 +142,7 @@ class PagedKVCache(KVCache):
 
     def swap_in(self, cpu_blocks: list[int], blocks: list[int]) -> None:
         """Copy CPU-pool blocks back into (new) device blocks (resuming a swapped sequence)."""
+        self._note("swap_in", cpu_blocks, blocks)
         src = torch.tensor(cpu_blocks)
         dst = torch.tensor(blocks, device=self.device)
         for pool, cpu in self._pools():

@@ -48,6 +48,7 @@ class _HostLayer:
         B, Hkv, max_len, d = shape
         shape = (max_len, B, Hkv, d)  # position-major (see the class docstring)
         self.quant, self.dtype, self.file = quant, dtype, None
+        self.pinned = pin and tier != "disk"  # RAM pages the GPU can copy to without waiting
         if quant is None:
             arrays = [("k", dtype, shape), ("v", dtype, shape)]
         else:
@@ -77,7 +78,7 @@ class _HostLayer:
             x = x.permute(2, 0, 1, 3)  # [T, B, Hkv, d]
             if self.quant is None:
                 dst = self.arrays[name][start:end]  # device -> host straight into place
-                dst.copy_(x.contiguous(), non_blocking=not wait and dst.is_pinned())
+                dst.copy_(x.contiguous(), non_blocking=not wait and self.pinned)
                 continue
             q = quantize(x.cpu().contiguous(), self.quant)
             self.arrays[name][start:end] = q.data

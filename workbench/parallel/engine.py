@@ -20,7 +20,6 @@ reaches :func:`generate_worker` through :func:`run_cli_job`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -30,10 +29,8 @@ import torch.distributed as dist
 from workbench.engine import EngineConfig, EngineRun, Request, SamplingParams
 from workbench.errors import WorkbenchError
 from workbench.kv.base import KVCache
-from workbench.kv.contiguous import ContiguousKVCache
 from workbench.kv.paged import PagedKVCache
-from workbench.kv.slots import SlotKVCache
-from workbench.model.batch import ForwardBatch, PackedLayout
+from workbench.model.batch import ForwardBatch
 from workbench.model.config import ModelConfig
 from workbench.model.loading import PRESET_PREFIX, resolve_model_dir
 from workbench.parallel.launch import DistContext, launch
@@ -42,6 +39,7 @@ from workbench.parallel.plan import (Mesh, ParallelConfig, balanced_stages, chec
                                      shard_config)
 from workbench.parallel.shards import load_shard, random_shard
 from workbench.parallel.tensor import build_rank_model
+from workbench.parallel.wire import batch_to_wire, kv_from_spec, kv_spec, wire_to_batch
 
 __all__ = ["DistributedModel", "GenerateJob", "RankWorker", "config_of", "generate_parallel",
            "generate_worker", "run_cli_job"]
@@ -74,58 +72,6 @@ class GenerateJob:
             raise WorkbenchError(f"strategy must be 'static' or 'continuous', got {self.strategy!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise WorkbenchError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-
-
-# ----------------------------------------------------------------------------- batch on the wire
-
-def _to_cpu(value):
-    return value.cpu() if isinstance(value, torch.Tensor) else value
-
-
-def batch_to_wire(batch: ForwardBatch) -> dict:
-    """Every field of the batch (and of its packed layout) as CPU tensors and Python values."""
-    wire = {f.name: _to_cpu(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
-    if batch.layout is not None:
-        wire["layout"] = {f.name: _to_cpu(getattr(batch.layout, f.name))
-                          for f in dataclasses.fields(batch.layout) if f.name != "scratch"}
-    return wire
-
-
-def wire_to_batch(wire: dict, device: torch.device) -> ForwardBatch:
-    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    fields = {k: move(v) for k, v in wire.items() if k != "layout"}
-    if wire.get("layout") is not None:
-        fields["layout"] = PackedLayout(**{k: move(v) for k, v in wire["layout"].items()})
-    return ForwardBatch(**fields)
-
-
-def kv_spec(kv: KVCache) -> tuple:
-    """How followers build their part of a KV storage the driver's engine just created."""
-    if isinstance(kv, ContiguousKVCache):
-        first = next(iter(kv.k.values()))  # [B, Hkv, max_len, d]
-        return ("contiguous", first.shape[0], kv.max_len)
-    if isinstance(kv, SlotKVCache):
-        return ("slots", kv.num_slots, kv.max_len)
-    if isinstance(kv, PagedKVCache):
-        return ("paged", kv.num_blocks, kv.block_size, kv.num_cpu_blocks)
-    raise WorkbenchError(f"parallel generation supports contiguous, slot and paged KV storage, "
-                         f"not {type(kv).__name__}")
-
-
-BLOCK_MOVES = ("swap_out", "swap_in", "copy_block")  # what the engine does to a pool between steps
-
-
-def record_block_moves(kv: KVCache, moves: list) -> None:
-    """Make the driver's paged pool note every block move into ``moves`` (and still do it), so
-    that the followers can replay them on theirs."""
-    for name in BLOCK_MOVES:
-        do = getattr(kv, name)
-
-        def recorded(*args, _name=name, _do=do):
-            moves.append((_name, args))
-            return _do(*args)
-
-        setattr(kv, name, recorded)
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -182,16 +128,6 @@ class RankWorker:
             return logits
         return None
 
-    def make_kv(self, spec: tuple) -> KVCache:
-        kind, rows, size, *rest = spec
-        if kind == "contiguous":
-            return ContiguousKVCache(self.local, rows, size, self.ctx.device, self.dtype,
-                                     layers=self.mesh.layers)
-        if kind == "paged":  # rows blocks of size tokens (+ CPU blocks for swapping)
-            return PagedKVCache(self.local, rows, size, self.ctx.device, self.dtype, rest[0],
-                                layers=self.mesh.layers)
-        return SlotKVCache(self.local, rows, size, self.ctx.device, self.dtype)
-
     def broadcast(self, message) -> object:
         box = [message]
         dist.broadcast_object_list(box, src=0, group=self.mesh.cpu_group)
@@ -202,7 +138,8 @@ class RankWorker:
         while (message := self.broadcast(None)) is not None:
             wire, spec, last_only, moves = message
             if spec is not None:
-                self.kv = self.make_kv(spec)
+                self.kv = kv_from_spec(spec, self.local, self.mesh.layers, self.ctx.device,
+                                       self.dtype)
             for name, args in moves:  # the driver's block moves since the last step, in order
                 getattr(self.kv, name)(*args)
             self.execute(wire_to_batch(wire, self.ctx.device), self.kv, last_only)
@@ -227,9 +164,8 @@ class DistributedModel:
         spec = None
         if kv is not self._kv:  # a new storage: followers allocate their part of it
             self._kv, spec = kv, kv_spec(kv)
-            if isinstance(kv, PagedKVCache):
-                self._moves = []
-                record_block_moves(kv, self._moves)
+            if isinstance(kv, PagedKVCache):  # its block moves go out with the next batch
+                self._moves = kv.move_log = []
         moves, self._moves[:] = list(self._moves), []
         for name, _ in moves:
             self.moves_sent[name] = self.moves_sent.get(name, 0) + 1

@@ -125,19 +125,13 @@ def _allreduce_s(worker: RankWorker, nbytes_rows: int, iters: int = 30) -> float
 def _graph_step(dec: _Decoder, step=None, key: str = "graph") -> dict:
     """Capture one decode step (``step()``, by default the plain forward) in a CUDA graph, check
     its logits against the eager step, time its replays."""
+    from workbench.engine.cudagraph import capture_graph
+
     fixed = dec.batch(dec.pos)
     step = step or (lambda: dec.forward(fixed))
     eager = dec.forward(fixed).float()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
+    graph, out = capture_graph(step, warmup=3)
     try:
-        with torch.cuda.graph(graph):
-            out = step()
         graph.replay()
         _sync(dec.dev)
         diff = float((out.float() - eager).abs().max())

@@ -83,15 +83,10 @@ def greedy_decode(model: LlamaModel, prompt: torch.Tensor, steps: int,
 
     run = one_step
     if graph:
+        from workbench.engine.cudagraph import capture_graph
+
         saved = ids.clone(), pos.clone(), mask.clone()  # the state before the warm-up step
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside capture, then undo its effects
-            one_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            one_step()
+        cuda_graph, _ = capture_graph(one_step)  # then undo the warm-up step's effects
         for t, s in zip((ids, pos, mask), saved):
             t.copy_(s)
         run = cuda_graph.replay
@@ -134,15 +129,10 @@ def linear_sweep_seconds(model: LlamaModel, batch_size: int = 1, repeats: int = 
 
     fn = sweep
     if graph:
+        from workbench.engine.cudagraph import capture_graph
+
         with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                sweep()
-            torch.cuda.current_stream().wait_stream(stream)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                sweep()
+            cuda_graph, _ = capture_graph(sweep)
         fn = cuda_graph.replay
     with torch.inference_mode():
         return _median_seconds(fn, dev, repeats, warmup=2)

@@ -260,18 +260,13 @@ def _graph_decode(model: LlamaModel, cache, ids: torch.Tensor, prefix: int):
     """A step function replaying one captured decode step of the full rolling ``cache``: token
     ``prefix + i`` is copied into the graph's input, the graph writes its keys/values, attends and
     advances the cache's device count (the Python count follows)."""
+    from workbench.engine.cudagraph import capture_graph
+
     cache.graph_mode()
     x = ids[None, prefix:prefix + 1].clone()  # [1, 1] the graph's input
     batch = cache.next_batch(x)  # positions: capacity - 1 from now on
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (each call is a real step of the stream)
-        for _ in range(2):
-            model(batch, cache, last_only=True)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = model(batch, cache, last_only=True)  # [1, vocab], rewritten by each replay
+    # the 2 warm-up calls are real steps of the stream; logits [1, vocab] rewritten by each replay
+    graph, logits = capture_graph(lambda: model(batch, cache, last_only=True), warmup=2)
     cache.seen -= 1  # capture ran no kernel: the device count did not move, the Python one did
 
     def step(i: int) -> None:
