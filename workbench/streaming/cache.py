@@ -131,9 +131,8 @@ class SinkKVCache(KVCache):
         self._seen_t: torch.Tensor | None = None  # the same count on the device (graph mode)
 
     def graph_mode(self) -> None:
-        """From now on the slot written and the keys' positions come from a device copy of
-        ``seen`` (advanced in place), not Python integers: with a full cache (shapes fixed) a
-        decode step is then a fixed kernel sequence that a CUDA graph can capture and replay.
+        """From now on the slot written and the keys' positions come from a device copy of ``seen``:
+        with a full cache a decode step is a fixed kernel sequence, capturable in a CUDA graph.
         A replay advances the device count only: the caller adds to ``seen`` per replay."""
         if self.seen < self.capacity:
             raise WorkbenchError(f"graph mode needs a full cache ({self.capacity} tokens), "
@@ -146,6 +145,10 @@ class SinkKVCache(KVCache):
         """The slot that holds stream token ``index`` (while it is held)."""
         k = self.sinks
         return index if index < k else k + (index - k) % self.window
+
+    def _device_slot(self) -> torch.Tensor:
+        """Graph mode: :meth:`slot_of` the token being written, from the device count."""
+        return self.sinks + (self._seen_t - self.sinks) % self.window
 
     def token_indices(self) -> list[int]:
         """Stream indices of the held tokens in position order: sinks, then the window."""
@@ -174,8 +177,7 @@ class SinkKVCache(KVCache):
         P, C = self.seen, self.capacity  # token P is being written now
         if self._seen_t is not None:  # slot_positions(P + 1, ...) from the device count
             k, w = self.sinks, self.window
-            newest = k + (self._seen_t - k) % w  # the slot token P goes to
-            age = (newest - self._slots[k:]) % w  # [w]
+            age = (self._device_slot() - self._slots[k:]) % w  # [w] 0 for token P's slot
             pos = torch.cat([self._slots[:k], C - 1 - age])  # [C]
             cos_k, sin_k = self._cos[:, pos], self._sin[:, pos]  # [1, C, d]
             cos_q, sin_q = self._cos[:, C - 1:], self._sin[:, C - 1:]
@@ -197,7 +199,7 @@ class SinkKVCache(KVCache):
         if k.shape[2] != 1:
             raise ValueError("SinkKVCache.update takes one token; attend() handles chunks")
         if self._seen_t is not None:  # graph mode: the slot from the device count
-            slot = (self.sinks + (self._seen_t - self.sinks) % self.window).view(1)
+            slot = self._device_slot().view(1)
             self.k[layer].index_copy_(2, slot, k)
             self.v[layer].index_copy_(2, slot, v)
         else:
