@@ -16,7 +16,8 @@ def test_notebook_runs_in_smoke_mode(book, tmp_path):
     out = tmp_path / book.name
     papermill.execute_notebook(str(book), str(out), cwd=str(NOTEBOOK_DIR),
                                parameters={"device": "cpu", "smoke": True},
-                               kernel_name="python3", progress_bar=False)
+                               kernel_name="python3", progress_bar=False,
+                               execution_timeout=600)  # a cell stuck (kernel messaging) fails, not hangs
     assert read_summary(out), f"{book.name} has no cell tagged 'summary' with JSON output"
 
 
