@@ -3,12 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from workbench.model import ForwardBatch, load_model, load_tokenizer
 from workbench.training.corpus import documents_of, is_held_out
 from workbench.training.tokenizer import EOS, save_tokenizer, train_tokenizer
-from workbench.training.train import TrainConfig, lr_at, train
+from workbench.training.train import TrainConfig, lr_at, train, window_starts
 
 SOURCE = '''"""Module docstring is not a document."""
 import os
@@ -85,3 +86,36 @@ def test_few_cpu_steps_write_a_checkpoint_transformers_loads(tmp_path):
     x = torch.from_numpy(ids[:20].astype(np.int64))[None]  # [1, 20]
     with torch.no_grad():
         torch.testing.assert_close(ours(ForwardBatch.prefill(x)), hf(x).logits)
+
+
+def test_aligned_windows_start_at_end_of_text():
+    tokens = np.array([5, 0, 7, 8, 9, 0, 3, 4, 0, 6], dtype=np.uint16)
+    assert window_starts(tokens, 4, None) is None  # anywhere
+    assert window_starts(tokens, 4, eos_id=0).tolist() == [1, 5]  # 8 has 1 token after it, not 4
+    with pytest.raises(ValueError, match="no end-of-text"):
+        window_starts(tokens, 4, eos_id=1)
+
+
+def test_aligned_training_sees_end_of_text_first(tmp_path, monkeypatch):
+    import workbench.training.train as train_mod
+
+    tok = train_tokenizer([SOURCE] * 20, vocab_size=300)
+    data = tmp_path / "data"
+    save_tokenizer(tok, data, model_max_length=64)
+    ids = np.array((tok.encode(SOURCE).ids + [0]) * 30, dtype=np.uint16)
+    np.save(data / "train.npy", ids)
+    np.save(data / "heldout.npy", ids[:400])
+    (data / "meta.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size(), "eos_id": 0}))
+    firsts = []
+    real = train_mod.windows
+
+    def spy(tokens, starts, length, device):
+        rows = real(tokens, starts, length, device)
+        firsts.append(rows[:, 0].tolist())
+        return rows
+
+    monkeypatch.setattr(train_mod, "windows", spy)
+    cfg = TrainConfig(steps=3, batch_size=4, context=32, eval_every=3, eval_windows=2, warmup=1,
+                      align_documents=True)
+    train(data, tmp_path / "model", cfg, device="cpu", progress=False)
+    assert firsts[1:] == [[0] * 4] * 3  # firsts[0]: the held-out windows, not aligned

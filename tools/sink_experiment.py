@@ -3,6 +3,8 @@
     python tools/sink_experiment.py prepare --out build/sinks-corpus          # here (CPU)
     python tools/sink_experiment.py run --data build/sinks-corpus --out $OUT --steps 4000   # GPU
     ... run ... --extra-root SITE_PACKAGES --extra-chars 200000000   # more (third-party) Python to train on
+    ... extend --extra-root SITE_PACKAGES --out build/big; run --data build/big ...   # the same, shared
+    ... run ... --align-documents        # every training window starts with end-of-text (like BOS)
 
 ``prepare`` tokenizes this Python's standard library (the bundled model's corpus and held-out rule)
 with the bundled tokenizer. ``run`` trains the bundled model's shape with its recipe
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from workbench.model.loading import load_model, resolve_model_dir  # noqa: E402
 from workbench.model import load_tokenizer  # noqa: E402
+from workbench.streaming.score import long_stream  # noqa: E402
 
 from workbench.training.__main__ import TOKENIZER_FILES  # noqa: E402
 from workbench.training.tokenizer import EOS  # noqa: E402
@@ -60,12 +63,20 @@ def prepare(out: Path) -> None:
 
 @torch.inference_mode()
 def measure(model_dir: Path, device: str) -> dict:
-    from workbench.streaming.probe import attention_maps, sink_share, uniform_share
-    from workbench.streaming.score import StreamEval, long_stream, score_stream
-
-    model = load_model(model_dir, device, torch.float32)
+    """Sink shares and window/sinks/recompute perplexities of a checkpoint, on the held-out stream
+    as it is and on the same stream after one end-of-text token (as a BOS-using model sees text)."""
     tok = load_tokenizer("bundled")
-    ids = long_stream(tok, 8192)
+    model = load_model(model_dir, device, torch.float32)
+    stream = long_stream(tok, 8192)
+    eos = torch.tensor([tok.convert_tokens_to_ids(EOS)])
+    return {"stream": measure_stream(model, stream),
+            "eos_first": measure_stream(model, torch.cat([eos, stream[:-1]]))}
+
+
+def measure_stream(model, ids: torch.Tensor) -> dict:
+    from workbench.streaming.probe import attention_maps, sink_share, uniform_share
+    from workbench.streaming.score import StreamEval, score_stream
+
     share = sink_share(attention_maps(model, ids[:256]), sinks=4)  # [L, H]
     spec = StreamEval(window=256, sinks=4, chunk=128, recompute_every=8)
     scores = {m: score_stream(model, ids, m, spec) for m in ("window", "sinks", "recompute")}
@@ -103,7 +114,8 @@ def extra_tokens(root: Path, max_chars: int, data: Path, into: Path) -> dict:
 
 
 def run(data: Path, out: Path, steps: int, device: str, extra_root: Path | None = None,
-        extra_chars: int = 0, skip_bundled: bool = False) -> None:
+        extra_chars: int = 0, skip_bundled: bool = False, align_documents: bool = False,
+        weight_decay: float = 0.1, keep_model: bool = False) -> None:
     from workbench.training.train import TrainConfig, train
 
     model_dir = out / "model"
@@ -112,20 +124,27 @@ def run(data: Path, out: Path, steps: int, device: str, extra_root: Path | None 
         corpus = extra_tokens(extra_root, extra_chars, data, out / "corpus")
         data = out / "corpus"
         print(corpus, flush=True)
-    log = train(data, model_dir, TrainConfig(steps=steps, eval_every=250), device, progress=False,
-                keep_last=True)
+    elif (data / "extra.json").exists():  # a corpus made by ``extend``
+        corpus = json.loads((data / "extra.json").read_text())
+    cfg = TrainConfig(steps=steps, eval_every=250, align_documents=align_documents,
+                      weight_decay=weight_decay)
+    log = train(data, model_dir, cfg, device, progress=False, keep_last=True)
     bundled = resolve_model_dir("bundled")
     for d in (model_dir, model_dir / "last"):
         for name in TOKENIZER_FILES:
             shutil.copy(bundled / name, d / name)
-    result = {"steps": steps, "best": log["best"], "eval": log["eval"], "seconds": log["seconds"],
+    result = {"steps": steps, "align_documents": align_documents, "weight_decay": weight_decay,
+              "best": log["best"], "eval": log["eval"], "seconds": log["seconds"],
               "device": log["device"], "corpus": corpus}
     checkpoints = [("best", model_dir), ("last", model_dir / "last")]
     for name, d in checkpoints + ([] if skip_bundled else [("bundled", bundled)]):
         result[name + "_measured"] = measure(d, device)
         print(name, json.dumps(result[name + "_measured"], indent=1), flush=True)
     (out / "sink-experiment.json").write_text(json.dumps(result, indent=1) + "\n")
-    shutil.rmtree(model_dir)  # checkpoints stay on the GPU machine; the JSON comes back
+    if keep_model:  # the best checkpoint comes back (bf16, 14 MB); the last one stays there
+        shutil.rmtree(model_dir / "last")
+    else:
+        shutil.rmtree(model_dir)
     shutil.rmtree(out / "corpus", ignore_errors=True)
 
 
@@ -135,6 +154,12 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--out", type=Path, default=Path("build/sinks-corpus"))
+    e = sub.add_parser("extend", help="a corpus folder: --data's tokens plus the .py files under "
+                       "--extra-root (for several runs to share)")
+    e.add_argument("--data", type=Path, default=Path("build/sinks-corpus"))
+    e.add_argument("--extra-root", type=Path, required=True)
+    e.add_argument("--extra-chars", type=int, default=200_000_000)
+    e.add_argument("--out", type=Path, required=True)
     r = sub.add_parser("run")
     r.add_argument("--data", type=Path, default=Path("build/sinks-corpus"))
     r.add_argument("--out", type=Path, required=True)
@@ -143,9 +168,17 @@ if __name__ == "__main__":
     r.add_argument("--extra-root", type=Path, default=None)
     r.add_argument("--extra-chars", type=int, default=200_000_000)
     r.add_argument("--skip-bundled", action="store_true")
+    r.add_argument("--align-documents", action="store_true",
+                   help="start every training window at an end-of-text token (TrainConfig)")
+    r.add_argument("--weight-decay", type=float, default=0.1)
+    r.add_argument("--keep-model", action="store_true", help="leave the best checkpoint in --out")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out)
+    elif args.command == "extend":
+        info = extra_tokens(args.extra_root, args.extra_chars, args.data, args.out)
+        (args.out / "extra.json").write_text(json.dumps(info, indent=1) + "\n")
+        print(info)
     else:
         run(args.data, args.out, args.steps, args.device, args.extra_root, args.extra_chars,
-            args.skip_bundled)
+            args.skip_bundled, args.align_documents, args.weight_decay, args.keep_model)

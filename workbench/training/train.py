@@ -35,6 +35,10 @@ class TrainConfig:
     eval_every: int = 100
     eval_windows: int = 64
     seed: int = 0
+    # Start every training window at a document: its first token is the end-of-text token that ends
+    # the document before (the role BOS plays in Llama), so position 0 always holds one fixed token.
+    # Off for the bundled model (windows start anywhere); see tools/sink_experiment.py for why on.
+    align_documents: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.context < 2:
@@ -56,6 +60,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def window_starts(tokens: np.ndarray, length: int, eos_id: int | None) -> np.ndarray | None:
+    """Where a training window of ``length`` tokens may start: at every end-of-text token with
+    ``length`` tokens after it, or None for anywhere (``eos_id`` None)."""
+    if eos_id is None:
+        return None
+    starts = np.flatnonzero(np.asarray(tokens[:len(tokens) - length]) == eos_id)
+    if len(starts) == 0:
+        raise ValueError(f"align_documents: no end-of-text token (id {eos_id}) with {length} "
+                         "tokens after it in the training data")
+    return starts
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, length: int, device) -> torch.Tensor:
@@ -108,6 +124,8 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, device: str = "cuda",
     n_held = min(cfg.eval_windows, max(1, (len(held_tokens) - 1) // (cfg.context + 1)))
     held_starts = np.arange(n_held) * (cfg.context + 1)
     held = windows(held_tokens, held_starts, cfg.context + 1, device)
+    aligned = window_starts(train_tokens, cfg.context + 1,
+                            meta["eos_id"] if cfg.align_documents else None)
     log = {"train": [], "eval": [], "config": asdict(cfg), "model": model_cfg.to_hf_dict(),
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "parameters": sum(p.numel() for p in model.parameters())}
@@ -116,7 +134,10 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, device: str = "cuda",
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        starts = rng.integers(0, len(train_tokens) - cfg.context - 1, cfg.batch_size)
+        if aligned is None:
+            starts = rng.integers(0, len(train_tokens) - cfg.context - 1, cfg.batch_size)
+        else:
+            starts = aligned[rng.integers(0, len(aligned), cfg.batch_size)]
         rows = windows(train_tokens, starts, cfg.context + 1, device)
         with autocast:
             loss = loss_of(model, rows)
