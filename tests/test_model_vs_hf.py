@@ -34,10 +34,10 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from tests.helpers import BUNDLED_DIR, torch_threads  # noqa: E402
+from tests.helpers import torch_threads  # noqa: E402
 from workbench.engine import EngineConfig, Request, generate_static, run_continuous  # noqa: E402
 from workbench.model import ForwardBatch, LlamaModel, load_model, load_tokenizer  # noqa: E402
-from workbench.model.loading import save_checkpoint  # noqa: E402
+from workbench.model.loading import resolve_model_dir, save_checkpoint  # noqa: E402
 from workbench.model.rope import inverse_frequencies  # noqa: E402
 
 transformers.logging.set_verbosity_error()  # "Loading weights" bars and generation-config notes
@@ -252,11 +252,13 @@ CODE_PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def __ini
 BUNDLED_NEW = 40
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    ours = load_model("bundled")
-    hf = LlamaForCausalLM.from_pretrained(BUNDLED_DIR, dtype=torch.float32).eval()
-    tok = load_tokenizer("bundled")
+@pytest.fixture(scope="module", params=["bundled", "bundled-sinks"])
+def bundled(request):
+    """Each model shipped in data/models: the project's and the one with attention sinks."""
+    ours = load_model(request.param)
+    hf = LlamaForCausalLM.from_pretrained(str(resolve_model_dir(request.param)),
+                                          dtype=torch.float32).eval()
+    tok = load_tokenizer(request.param)
     return ours, hf, tok
 
 

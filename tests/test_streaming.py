@@ -21,8 +21,8 @@ from workbench.roofline import Roofline
 from workbench.streaming import SinkKVCache, StreamingConfig
 from workbench.streaming.cost import roofline_speedup
 from workbench.streaming.probe import AttentionProbe, attention_maps, sink_share, uniform_share
-from workbench.streaming.score import (METHODS, StreamEval, long_stream, score_stream,
-                                       time_per_token)
+from workbench.streaming.score import (METHODS, StreamEval, eviction_penalty, long_stream,
+                                       score_stream, time_per_token)
 
 SHAPES = [dict(), dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16),
           dict(num_attention_heads=8, num_key_value_heads=1, head_dim=4, num_hidden_layers=3)]
@@ -292,3 +292,30 @@ def test_cuda_graph_replays_give_the_eager_logits():
     for i in range(20):
         step(i)
         torch.testing.assert_close(step.logits[0], ref[0, prefix + 2 + i], atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_sinks_model_needs_its_sinks():
+    """data/models' two models, on held-out code: the one trained longer puts several times uniform
+    attention on the first tokens, and evicting them (window without sinks) costs it perplexity at
+    a small window; the project's model has no sinks and loses nothing (notebook 08, section 4)."""
+    from workbench.model import load_tokenizer
+
+    ids = long_stream(load_tokenizer("bundled"), 1024)
+    penalty, top = {}, {}
+    for name in ("bundled", "bundled-sinks"):
+        model = load_model(name)
+        share = sink_share(attention_maps(model, ids[:256]), sinks=4)  # [L, H]
+        top[name] = float(share.mean(1).max()) / uniform_share(256, 4)
+        penalty[name] = eviction_penalty(model, ids, [32])[32]
+    assert top["bundled-sinks"] > 5 > top["bundled"], top
+    assert penalty["bundled-sinks"] > 1.10 and penalty["bundled"] < 1.0, penalty
+
+
+def test_eviction_penalty_is_the_ratio_of_the_two_scores():
+    model = _model()
+    ids = torch.randint(1, 64, (80,))
+    got = eviction_penalty(model, ids, [8, 16], sinks=2, chunk=4)
+    spec = StreamEval(window=16, sinks=2, chunk=4)
+    window, sinks = (score_stream(model, ids, m, spec) for m in ("window", "sinks"))
+    assert set(got) == {8, 16} and math.isclose(got[16], window.ppl(16) / sinks.ppl(16))
+    assert got[8] != got[16]

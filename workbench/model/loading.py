@@ -19,12 +19,17 @@ from workbench.model.llama import LlamaModel, empty_model
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 BUNDLED_MODEL = "stdlib-llama-7m"
+# Names for the models in data/models: the project's model, and the same shape trained longer on more
+# code, which grew attention sinks (notebook 08; data/models/stdlib-llama-7m-sinks/README.md).
+BUNDLED_MODELS = {"bundled": BUNDLED_MODEL, "bundled-sinks": "stdlib-llama-7m-sinks"}
 PRESET_PREFIX = "preset:"
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """``"bundled"`` -> the project's own model; anything else is a checkpoint directory."""
-    path = DATA_DIR / "models" / BUNDLED_MODEL if str(model) == "bundled" else Path(model)
+    """``"bundled"`` -> the project's own model, ``"bundled-sinks"`` -> the same shape with attention
+    sinks (:data:`BUNDLED_MODELS`); anything else is a checkpoint directory."""
+    name = BUNDLED_MODELS.get(str(model))
+    path = DATA_DIR / "models" / name if name else Path(model)
     if not path.is_dir():
         raise WorkbenchError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():

@@ -187,6 +187,20 @@ def score_stream(model: LlamaModel, ids: torch.Tensor, method: str, spec: Stream
     return StreamScore(method, nll.cpu(), time.perf_counter() - t0, forward_tokens, kv_tokens)
 
 
+def eviction_penalty(model: LlamaModel, ids: torch.Tensor, windows: list[int], sinks: int = 4,
+                     chunk: int = 128) -> dict[int, float]:
+    """How much ``model`` needs its first tokens: for each window size, the perplexity of window
+    attention without sinks over that of ``sinks`` + window, on the positions after the window
+    first filled (the first eviction). About 1: evicting the first tokens costs nothing; above 1:
+    the model relies on them (StreamingLLM's attention sinks)."""
+    penalty = {}
+    for window in windows:
+        spec = StreamEval(window=window, sinks=sinks, chunk=min(chunk, window))
+        window_only, with_sinks = (score_stream(model, ids, m, spec) for m in ("window", "sinks"))
+        penalty[window] = window_only.ppl(window) / with_sinks.ppl(window)
+    return penalty
+
+
 def _score_recompute(model: LlamaModel, ids: torch.Tensor, spec: StreamEval, nll: torch.Tensor,
                      progress: bool) -> int:
     """Each evaluated position t: one forward pass over ids[t - window + 1 .. t]."""

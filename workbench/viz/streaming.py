@@ -7,6 +7,8 @@
 * :func:`plot_sink_share` - per layer and head, the attention the first tokens receive,
   against what uniform attention would give them.
 * :func:`plot_time_per_token` - milliseconds per new token for each method (log scale).
+* :func:`plot_eviction_penalty` - window without sinks over sinks + window against the window size,
+  one line per model: how much each model needs its first tokens.
 
 Every function takes plain data, draws on ``ax`` (a new figure when None) and returns the Axes.
 """
@@ -24,8 +26,8 @@ from workbench.streaming.score import LABELS, StreamScore
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["plot_attention_map", "plot_ppl_over_position", "plot_sink_share",
-           "plot_time_per_token"]
+__all__ = ["plot_attention_map", "plot_eviction_penalty", "plot_ppl_over_position",
+           "plot_sink_share", "plot_time_per_token"]
 
 COLORS = {"dense": "C3", "window": "C1", "recompute": "C2", "sinks": "C0"}
 
@@ -117,4 +119,23 @@ def plot_time_per_token(ms_per_token: Mapping[str, float], ax: Axes | None = Non
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y", which="both")
+    return ax
+
+
+def plot_eviction_penalty(penalties: Mapping[str, Mapping[int, float]], ax: Axes | None = None,
+                          visible: float = 1.10) -> Axes:
+    """Per model (label -> {window: penalty}, from :func:`~workbench.streaming.score.
+    eviction_penalty`): perplexity of window attention without sinks over sinks + window, against the
+    window size (log 2 axis); 1 is "the first tokens do not matter", ``visible`` is marked."""
+    ax = _axes(ax, (7, 3.5))
+    for label, penalty in penalties.items():
+        windows = sorted(penalty)
+        ax.plot(windows, [penalty[w] for w in windows], "o-", label=label)
+    ax.axhline(1.0, color="0.3", lw=1)
+    ax.axhline(visible, color="C3", ls="--", lw=1, label=f"{visible:.2f}: visibly worse")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("window (keys per query)")
+    ax.set_ylabel("window without sinks /\nsinks + window (perplexity)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return ax
