@@ -16,6 +16,11 @@ recomputation on a held-out stream (``workbench.streaming.score``). StreamingLLM
 collapses only in models that put a large share of attention on the first tokens. ``--extra-root``
 adds the Python files under a folder (e.g. the GPU machine's site-packages, tokenized there) to the
 training tokens, to see whether more data grows sinks; the held-out stream stays the stdlib's.
+
+Findings (bench/results/sink-experiment-*_h200_2026-12-04.json, docs/notes/parallel-and-streaming-gpu.md):
+the stdlib alone grows no sinks (it overfits after ~1,000 steps); with ~65 M more tokens of third-party
+code, 4,000 steps grow them, and that checkpoint (``run --steps 4000 --keep-model`` on an ``extend``ed
+corpus) ships as data/models/stdlib-llama-7m-sinks ("bundled-sinks") for notebook 08.
 """
 
 import argparse
