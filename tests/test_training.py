@@ -64,14 +64,20 @@ def test_lr_schedule_warms_up_then_decays():
     assert abs(lr_at(99, cfg) - 0.1) < 1e-3 and lr_at(50, cfg) < lr_at(20, cfg)
 
 
-def test_few_cpu_steps_write_a_checkpoint_transformers_loads(tmp_path):
+def tiny_corpus(folder):
+    """A training folder as ``prepare`` writes it: SOURCE 30 times, each ending in EOS (id 0)."""
     tok = train_tokenizer([SOURCE] * 20, vocab_size=300)
-    data = tmp_path / "data"
-    save_tokenizer(tok, data, model_max_length=64)
+    save_tokenizer(tok, folder, model_max_length=64)
     ids = np.array((tok.encode(SOURCE).ids + [0]) * 30, dtype=np.uint16)
-    np.save(data / "train.npy", ids)
-    np.save(data / "heldout.npy", ids[:400])
-    (data / "meta.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size(), "eos_id": 0}))
+    np.save(folder / "train.npy", ids)
+    np.save(folder / "heldout.npy", ids[:400])
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size(), "eos_id": 0}))
+    return ids
+
+
+def test_few_cpu_steps_write_a_checkpoint_transformers_loads(tmp_path):
+    data = tmp_path / "data"
+    ids = tiny_corpus(data)
     out = tmp_path / "model"
     cfg = TrainConfig(steps=6, batch_size=2, context=32, eval_every=3, eval_windows=2, warmup=2)
     log = train(data, out, cfg, device="cpu", progress=False)
@@ -99,13 +105,8 @@ def test_aligned_windows_start_at_end_of_text():
 def test_aligned_training_sees_end_of_text_first(tmp_path, monkeypatch):
     import workbench.training.train as train_mod
 
-    tok = train_tokenizer([SOURCE] * 20, vocab_size=300)
     data = tmp_path / "data"
-    save_tokenizer(tok, data, model_max_length=64)
-    ids = np.array((tok.encode(SOURCE).ids + [0]) * 30, dtype=np.uint16)
-    np.save(data / "train.npy", ids)
-    np.save(data / "heldout.npy", ids[:400])
-    (data / "meta.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size(), "eos_id": 0}))
+    tiny_corpus(data)
     firsts = []
     real = train_mod.windows
 
