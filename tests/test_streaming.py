@@ -319,3 +319,5 @@ def test_eviction_penalty_is_the_ratio_of_the_two_scores():
     window, sinks = (score_stream(model, ids, m, spec) for m in ("window", "sinks"))
     assert set(got) == {8, 16} and math.isclose(got[16], window.ppl(16) / sinks.ppl(16))
     assert got[8] != got[16]
+    with pytest.raises(WorkbenchError, match="no position after the first eviction"):
+        eviction_penalty(model, ids, [16, 79])

@@ -193,6 +193,10 @@ def eviction_penalty(model: LlamaModel, ids: torch.Tensor, windows: list[int], s
     attention without sinks over that of ``sinks`` + window, on the positions after the window
     first filled (the first eviction). About 1: evicting the first tokens costs nothing; above 1:
     the model relies on them (StreamingLLM's attention sinks)."""
+    too_long = [w for w in windows if w >= len(ids) - 1]
+    if too_long:
+        raise WorkbenchError(f"windows {too_long} leave no position after the first eviction in a "
+                             f"stream of {len(ids)} tokens")
     penalty = {}
     for window in windows:
         spec = StreamEval(window=window, sinks=sinks, chunk=min(chunk, window))
