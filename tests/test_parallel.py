@@ -17,7 +17,8 @@ from workbench.model.loading import load_model
 from workbench.model.presets import preset_config
 from workbench.parallel import ParallelConfig, balanced_stages, shard_config
 from workbench.parallel.illustrate import pipeline_stages, split_matmul, tensor_parallel_layer
-from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble, split_rows
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, schedule_bubble,
+                                         split_rows)
 
 matplotlib.use("Agg")
 
@@ -86,6 +87,23 @@ def test_ideal_fill_drain_has_the_formula_bubble(p, m):
     """Equal stages, one slot each per micro-batch: the measure reproduces (p-1)/(m+p-1)."""
     events = [StageEvent(s, 0, j, float(s + j), float(s + j + 1)) for s in range(p) for j in range(m)]
     assert measured_bubble(events, p) == pytest.approx(bubble_formula(p, m))
+    assert schedule_bubble(events, p) == pytest.approx(bubble_formula(p, m))
+
+
+def test_schedule_bubble_splits_unequal_stages_from_hand_overs():
+    """Stage 1 takes 2 s a micro-batch, stage 0 1 s, and each hand-over 0.5 s: the replayed
+    timetable (free hand-overs) has span 1 + 3 x 2 = 7 s, the measured one 7.5 s."""
+    p, m, handover = 2, 3, 0.5
+    events = [StageEvent(0, 0, j, float(j), float(j + 1)) for j in range(m)]
+    t = 0.0
+    for j in range(m):  # stage 1: starts when micro-batch j arrived and it finished j - 1
+        t = max(t, j + 1 + handover)
+        events.append(StageEvent(1, 0, j, t, t + 2.0))
+        t += 2.0
+    busy = m * 3.0
+    assert schedule_bubble(events, p) == pytest.approx(1 - busy / (p * 7.0))
+    assert measured_bubble(events, p) == pytest.approx(1 - busy / (p * 7.5))
+    assert bubble_formula(p, m) < schedule_bubble(events, p) < measured_bubble(events, p)
 
 
 def test_split_rows_into_micro_batches():
@@ -107,7 +125,8 @@ def test_figures_draw():
     events = [StageEvent(s, 0, j, s + j, s + j + 1.0) for s in range(2) for j in range(3)]
     ax = plot_pipeline_timeline(events, 2, 3, step=0)
     assert "0.25" in ax.get_title()  # (2-1)/(3+2-1)
-    plot_bubble([{"p": 2, "m": 1, "measured": 0.5}, {"p": 2, "m": 4, "measured": 0.25}])
+    plot_bubble([{"p": 2, "m": 1, "measured": 0.5, "schedule": 0.5},
+                 {"p": 2, "m": 4, "measured": 0.25, "schedule": 0.22}])
     plot_step_times([{"label": "TP1", "step_ms": 2.0, "floor_ms": 1.0}])
 
 

@@ -30,7 +30,8 @@ from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import DistContext
-from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble, pipeline_forward
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
+                                         schedule_bubble)
 from workbench.parallel.plan import ParallelConfig
 
 __all__ = ["DecodeBench", "decode_worker", "fused_step"]
@@ -241,6 +242,7 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
     events = [e for r in ranks for e in r["events"]]
     if events:
         row |= {"bubble_measured": measured_bubble(events, par.pp),
+                "bubble_schedule": schedule_bubble(events, par.pp),
                 "bubble_formula": bubble_formula(par.pp, m), "events": events}
     for key in ("graph", "fast"):
         if f"{key}_step_ms" in ranks[0]:

@@ -152,7 +152,9 @@ def plot_timetable(table: Sequence[Sequence[tuple[int, int]]], ax: Axes | None =
 
 
 def plot_bubble(rows: Sequence[dict], ax: Axes | None = None) -> Axes:
-    """rows: {"p", "m", "measured"}; the formula drawn as a line per p."""
+    """rows: {"p", "m", "measured"} and optionally "schedule" (the timetable replayed with the
+    measured stage times, :func:`~workbench.parallel.pipeline.schedule_bubble`); the formula drawn
+    as a line per p."""
     ax = _axes(ax, (6, 3.5))
     for i, p in enumerate(sorted({r["p"] for r in rows})):
         mine = sorted((r for r in rows if r["p"] == p), key=lambda r: r["m"])
@@ -160,6 +162,9 @@ def plot_bubble(rows: Sequence[dict], ax: Axes | None = None) -> Axes:
         ax.plot(ms, [bubble_formula(p, m) for m in ms], "--", color=_COLOURS[i],
                 label=f"p={p}: (p-1)/(m+p-1)")
         ax.plot(ms, [r["measured"] for r in mine], "o", color=_COLOURS[i], label=f"p={p}: measured")
+        if all("schedule" in r for r in mine):
+            ax.plot(ms, [r["schedule"] for r in mine], "x", color=_COLOURS[i], ms=8,
+                    label=f"p={p}: timetable, measured stage times, free hand-overs")
     ax.set_xlabel("micro-batches m")
     ax.set_ylabel("bubble (idle share)")
     ax.set_ylim(0, 1)
