@@ -2,8 +2,7 @@
 
     python tools/sink_experiment.py prepare --out build/sinks-corpus          # here (CPU)
     python tools/sink_experiment.py run --data build/sinks-corpus --out $OUT --steps 4000   # GPU
-    ... run ... --extra-root SITE_PACKAGES --extra-chars 200000000   # more (third-party) Python to train on
-    ... extend --extra-root SITE_PACKAGES --out build/big; run --data build/big ...   # the same, shared
+    ... extend --extra-root SITE_PACKAGES --out build/big; run --data build/big ...   # more (third-party) Python
     ... run ... --align-documents        # every training window starts with end-of-text (like BOS)
 
 ``prepare`` tokenizes this Python's standard library (the bundled model's corpus and held-out rule)
@@ -13,8 +12,8 @@ the bundled model is) and the last one, then measures each: held-out loss, the a
 queries put on the first 4 tokens (``workbench.streaming.probe``; uniform attention would give
 about 0.03), and the perplexity of window attention without sinks against sinks + window and
 recomputation on a held-out stream (``workbench.streaming.score``). StreamingLLM's window baseline
-collapses only in models that put a large share of attention on the first tokens. ``--extra-root``
-adds the Python files under a folder (e.g. the GPU machine's site-packages, tokenized there) to the
+collapses only in models that put a large share of attention on the first tokens. ``extend`` adds
+the Python files under a folder (e.g. the GPU machine's site-packages, tokenized there) to the
 training tokens, to see whether more data grows sinks; the held-out stream stays the stdlib's.
 
 Findings (bench/results/sink-experiment-*_h200_2026-12-04.json, docs/notes/parallel-and-streaming-gpu.md):
@@ -80,7 +79,7 @@ def measure(model_dir: Path, device: str) -> dict:
 
 def measure_stream(model, ids: torch.Tensor) -> dict:
     from workbench.streaming.probe import attention_maps, sink_share, uniform_share
-    from workbench.streaming.score import StreamEval, score_stream
+    from workbench.streaming.score import StreamEval, score_stream, window_over_sinks
 
     share = sink_share(attention_maps(model, ids[:256]), sinks=4)  # [L, H]
     spec = StreamEval(window=256, sinks=4, chunk=128, recompute_every=8)
@@ -91,7 +90,8 @@ def measure_stream(model, ids: torch.Tensor) -> dict:
             "uniform_share": uniform_share(256, 4),
             "ppl": {m: s.ppl(where=where) for m, s in scores.items()},
             "sinks_over_recompute": scores["sinks"].ppl(where=where) / ref,
-            "window_over_sinks_after_first_window": scores["window"].ppl(256) / scores["sinks"].ppl(256)}
+            "window_over_sinks_after_first_window": window_over_sinks(scores["window"],
+                                                                      scores["sinks"], 256)}
 
 
 def extra_tokens(root: Path, max_chars: int, data: Path, into: Path) -> dict:
@@ -118,19 +118,13 @@ def extra_tokens(root: Path, max_chars: int, data: Path, into: Path) -> dict:
             "extra_tokens": len(extra), "stdlib_train_tokens": len(stdlib)}
 
 
-def run(data: Path, out: Path, steps: int, device: str, extra_root: Path | None = None,
-        extra_chars: int = 0, skip_bundled: bool = False, align_documents: bool = False,
-        weight_decay: float = 0.1, keep_model: bool = False) -> None:
+def run(data: Path, out: Path, steps: int, device: str, skip_bundled: bool = False,
+        align_documents: bool = False, weight_decay: float = 0.1, keep_model: bool = False) -> None:
     from workbench.training.train import TrainConfig, train
 
     model_dir = out / "model"
-    corpus = {}
-    if extra_root is not None:
-        corpus = extra_tokens(extra_root, extra_chars, data, out / "corpus")
-        data = out / "corpus"
-        print(corpus, flush=True)
-    elif (data / "extra.json").exists():  # a corpus made by ``extend``
-        corpus = json.loads((data / "extra.json").read_text())
+    extra = data / "extra.json"  # a corpus made by ``extend``
+    corpus = json.loads(extra.read_text()) if extra.exists() else {}
     cfg = TrainConfig(steps=steps, eval_every=250, align_documents=align_documents,
                       weight_decay=weight_decay)
     log = train(data, model_dir, cfg, device, progress=False, keep_last=True)
@@ -150,7 +144,6 @@ def run(data: Path, out: Path, steps: int, device: str, extra_root: Path | None 
         shutil.rmtree(model_dir / "last")
     else:
         shutil.rmtree(model_dir)
-    shutil.rmtree(out / "corpus", ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -170,8 +163,6 @@ if __name__ == "__main__":
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--steps", type=int, default=4000)
     r.add_argument("--device", default="cuda")
-    r.add_argument("--extra-root", type=Path, default=None)
-    r.add_argument("--extra-chars", type=int, default=200_000_000)
     r.add_argument("--skip-bundled", action="store_true")
     r.add_argument("--align-documents", action="store_true",
                    help="start every training window at an end-of-text token (TrainConfig)")
@@ -185,5 +176,5 @@ if __name__ == "__main__":
         (args.out / "extra.json").write_text(json.dumps(info, indent=1) + "\n")
         print(info)
     else:
-        run(args.data, args.out, args.steps, args.device, args.extra_root, args.extra_chars,
-            args.skip_bundled, args.align_documents, args.weight_decay, args.keep_model)
+        run(args.data, args.out, args.steps, args.device, args.skip_bundled, args.align_documents,
+            args.weight_decay, args.keep_model)

@@ -149,6 +149,8 @@ def row_positions(score) -> int:
 
 def _compare(rows: list[dict], scores: dict, context: int) -> dict:
     """Ratios of the StreamingLLM bars, on the positions every compared method evaluated."""
+    from workbench.streaming.score import window_over_sinks
+
     by = {row["method"]: row for row in rows}
     out: dict = {}
     if "sinks" in by and "recompute" in by:
@@ -169,8 +171,8 @@ def _compare(rows: list[dict], scores: dict, context: int) -> dict:
                 abs(out["ppl_sinks_over_recompute"] - 1) <= 0.10)
     if "sinks" in scores and "window" in scores:  # after the first window: evictions began
         window = by["sinks"]["kv_tokens"]
-        out["ppl_window_over_sinks_after_first_window"] = (scores["window"].ppl(window)
-                                                           / scores["sinks"].ppl(window))
+        out["ppl_window_over_sinks_after_first_window"] = window_over_sinks(
+            scores["window"], scores["sinks"], window)
         out["window_degrades_visibly"] = bool(out["ppl_window_over_sinks_after_first_window"] > 1.1)
     if "speedup_sinks_vs_recompute" in out:
         out["bar_sinks_10x_faster_than_recompute"] = bool(out["speedup_sinks_vs_recompute"] >= 10)

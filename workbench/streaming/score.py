@@ -187,6 +187,12 @@ def score_stream(model: LlamaModel, ids: torch.Tensor, method: str, spec: Stream
     return StreamScore(method, nll.cpu(), time.perf_counter() - t0, forward_tokens, kv_tokens)
 
 
+def window_over_sinks(window_only: StreamScore, with_sinks: StreamScore, window: int) -> float:
+    """Perplexity of window attention without sinks over sinks + window on the positions from
+    ``window`` on, where the first tokens have been evicted (before, the two caches are equal)."""
+    return window_only.ppl(window) / with_sinks.ppl(window)
+
+
 def eviction_penalty(model: LlamaModel, ids: torch.Tensor, windows: list[int], sinks: int = 4,
                      chunk: int = 128) -> dict[int, float]:
     """How much ``model`` needs its first tokens: for each window size, the perplexity of window
@@ -201,7 +207,7 @@ def eviction_penalty(model: LlamaModel, ids: torch.Tensor, windows: list[int], s
     for window in windows:
         spec = StreamEval(window=window, sinks=sinks, chunk=min(chunk, window))
         window_only, with_sinks = (score_stream(model, ids, m, spec) for m in ("window", "sinks"))
-        penalty[window] = window_only.ppl(window) / with_sinks.ppl(window)
+        penalty[window] = window_over_sinks(window_only, with_sinks, window)
     return penalty
 
 
