@@ -1,6 +1,11 @@
-"""The engine's fast decode step on tensor-parallel ranks (``bench tp --fast``): fused weights,
-the two all-reduces of each layer between its pieces, biases added once after the sum. On 2 gloo
-ranks (CPU: no torch.compile, gathered attention) it gives the logits of the plain TP step."""
+"""The decode steps that ``bench tp`` / ``bench pp`` replay from CUDA graphs on GPUs, run on 2
+gloo ranks (CPU) without the capture.
+
+* The engine's fast decode step on tensor-parallel ranks (``bench tp --fast``): fused weights,
+  the two all-reduces of each layer between its pieces, biases added once after the sum. Without
+  torch.compile and with gathered attention it gives the logits of the plain TP step.
+* A pipeline's per-micro-batch stage programs (``bench pp --cuda-graphs``), run eagerly: the same
+  logits as the plain pipelined step, greedy tokens handed back to the first stage, a timeline."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from tests.helpers import BUNDLED_DIR, tiny_config, write_tiny_checkpoint
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
-from workbench.parallel.measure import DecodeBench, _Decoder, fused_step
+from workbench.parallel.measure import DecodeBench, _Decoder, fused_step, pipeline_graph_step
 from workbench.parallel.plan import ParallelConfig
 
 
@@ -34,3 +39,31 @@ def test_fast_step_on_two_tp_ranks_equals_the_plain_step(tmp_path):
     for path, batch in ((str(BUNDLED_DIR), 3), (str(tmp_path), 2)):
         diffs = launch(_fast_vs_plain, 2, path, batch, timeout_s=120)
         assert max(diffs) < 1e-4, (path, diffs)
+
+
+def _pipeline_programs_vs_plain(ctx, path: str, batch: int, m: int) -> dict:
+    """Every rank's result of :func:`pipeline_graph_step` without the capture, and its tokens."""
+    par = ParallelConfig(pp=ctx.world_size, micro_batches=m)
+    bench = DecodeBench(path, (par,), (batch,), context_len=11, steps=3, warmup=1,
+                        dtype="float32")
+    worker = RankWorker.load(ctx, path, par, torch.float32)
+    with torch.inference_mode():
+        dec = _Decoder(worker, batch, bench)
+        dec.timed()
+        out = pipeline_graph_step(dec, capture=False)
+    return out | {"tokens": dec.tokens.tolist()}
+
+
+def test_pipeline_stage_programs_give_the_plain_step(tmp_path):
+    config = tiny_config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    write_tiny_checkpoint(tmp_path, config, seed=5)
+    for path, batch, m in ((str(BUNDLED_DIR), 3, 2), (str(tmp_path), 4, 4), (str(tmp_path), 2, 1)):
+        first, last = launch(_pipeline_programs_vs_plain, 2, path, batch, m, timeout_s=120)
+        assert last["graph_max_abs_logit_diff"] < 1e-5 and last["graph_token_agreement"] == 1.0
+        assert "graph_max_abs_logit_diff" not in first  # logits live on the last stage only
+        assert first["tokens"] == last["tokens"]  # the last stage's greedy tokens came back
+        assert last["graph_step_ms"] > 0
+        events = first["graph_events"] + last["graph_events"]  # 3 timed steps, every stage x m
+        assert sorted((e.step, e.stage, e.micro_batch) for e in events) == sorted(
+            (i, s, j) for i in range(3) for s in range(2) for j in range(min(m, batch)))

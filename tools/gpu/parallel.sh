@@ -4,19 +4,22 @@
 #   On 4 GPUs (nvidia-h100-x4 or 4 x H200), from the repository root:   OUT=$OUT bash tools/gpu/parallel.sh
 #   CPU smoke test (2 gloo ranks, bundled model):  DEVICE=cpu SMOKE=1 OUT=/tmp/x PYTHON=.venv/bin/python bash tools/gpu/parallel.sh
 #
-# Writes to $OUT (6 files):
+# Writes to $OUT (7 files):
 #   bench_tp.json         bench tp: Llama-3.1-8B shape, bf16 random weights, TP 1/2/4, batch 1 and 32,
 #                         decode step vs floor (weight bytes per GPU / measured bandwidth + 2 all-reduces
 #                         per layer at their measured latency), communication share
-#   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
 #   bench_tp_graphs.json  bench tp --cuda-graphs --fast: the plain step and the engine's fast path replayed from
 #                         CUDA graphs (GPU only; optional: a failure here does not fail the job)
+#   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
+#   bench_pp_graphs.json  bench pp --cuda-graphs: the same, and every stage's micro-batches replayed from CUDA
+#                         graphs with eager hand-overs between them, its bubble measured again (GPU only; optional)
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
 #   parallel.log          everything printed
-# Every stage has a timeout (the launcher stops all ranks if one fails or hangs). Order: bench tp, bench tp
-# --cuda-graphs --fast, bench pp, notebooks 04 and 05. The stage limits add up to 710 s, more than one device
-# call: run the benchmarks alone (NOTEBOOKS=" ", 510 s) and the notebooks alone (SKIP_BENCH=1, 200 s).
-# The graph stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
+# Every stage has a timeout (the launcher stops all ranks if one fails or hangs). BENCHES picks the benchmark
+# stages (default "tp tp-graphs pp pp-graphs", in that order; " " for none), NOTEBOOKS the notebooks (default
+# 04 and 05; " " for none). The stage limits add up to 860 s, more than one device call (600 s): run
+#   BENCHES="tp tp-graphs" NOTEBOOKS=" "   (390 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks).
+# The tp-graphs stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
 set -u
 OUT=${OUT:-out/gpu-parallel}
 DEVICE=${DEVICE:-cuda}
@@ -43,27 +46,36 @@ else
     if [ "$RANKS" -lt 4 ]; then TP=1,2; PP=1,2; fi
 fi
 # Per-stage limits (seconds); a device call allows 600 s (see the header).
-T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_PP=${T_PP:-120}; T_NB=${T_NB:-100}
+T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_PP=${T_PP:-120}; T_PPG=${T_PPG:-150}; T_NB=${T_NB:-100}
+BENCHES=${BENCHES:-tp tp-graphs pp pp-graphs}
+if [ "${SKIP_BENCH:-0}" = 1 ]; then BENCHES=" "; fi  # the older spelling of BENCHES=" "
+has() { [[ " $BENCHES " == *" $1 "* ]]; }
 fail=0
 start=$SECONDS
 step() { echo "== $1 ($(( SECONDS - start )) s)"; }
 
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
-step "bench tp"
-timeout $T_TP $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-    --steps $STEPS --device $DEVICE --timeout $((T_TP - 10)) --json "$OUT/bench_tp.json" || fail=1
-
-if [ "$DEVICE" = cuda ]; then
+if has tp; then
+    step "bench tp"
+    timeout $T_TP $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
+        --steps $STEPS --device $DEVICE --timeout $((T_TP - 10)) --json "$OUT/bench_tp.json" || fail=1
+fi
+if has tp-graphs && [ "$DEVICE" = cuda ]; then
     step "bench tp --cuda-graphs --fast"
     timeout $T_GRAPHS $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
         --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --fast --json "$OUT/bench_tp_graphs.json" \
         || echo "cuda-graph run failed (the eager results stand)"
 fi
-
-step "bench pp"
-timeout $T_PP $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
-    --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PP - 10)) --json "$OUT/bench_pp.json" || fail=1
-fi  # SKIP_BENCH=1: notebooks only
+if has pp; then
+    step "bench pp"
+    timeout $T_PP $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
+        --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PP - 10)) --json "$OUT/bench_pp.json" || fail=1
+fi
+if has pp-graphs && [ "$DEVICE" = cuda ]; then
+    step "bench pp --cuda-graphs"
+    timeout $T_PPG $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
+        --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PPG - 10)) --cuda-graphs \
+        --json "$OUT/bench_pp_graphs.json" || echo "pipeline cuda-graph run failed (the eager results stand)"
+fi
 
 for nb in ${NOTEBOOKS:-04_tensor_parallelism 05_pipeline_parallelism}; do
     step "notebook $nb"

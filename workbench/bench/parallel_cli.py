@@ -1,7 +1,7 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
     workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast]
-    workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8]
+    workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs]
 
 One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
 :func:`workbench.parallel.launch`) times every grid in turn, so all rows share one process set and
@@ -36,10 +36,11 @@ def add_parser(bench_sub) -> None:
                             ("pp", "pipeline parallel decode step, bubble vs (p-1)/(m+p-1)")):
         b = bench_sub.add_parser(name, help=help_text)
         b.add_argument("--model", default="bundled")
+        b.add_argument("--cuda-graphs", action="store_true",
+                       help="also replay the decode step from CUDA graphs (GPU; on a pipeline one "
+                            "graph per stage and micro-batch, hand-overs eager between them)")
         if name == "tp":
             b.add_argument("--tp", default="1,2", help="comma-separated TP sizes")
-            b.add_argument("--cuda-graphs", action="store_true",
-                           help="also replay the decode step from a CUDA graph (GPU)")
             b.add_argument("--fast", action="store_true",
                            help="also the engine's fast path in a CUDA graph (GPU): fused weights, "
                                 "torch.compile'd glue, Triton paged attention")
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.context_len < 1 or args.steps < 1 or args.warmup < 0:
         raise WorkbenchError("--context-len and --steps must be >= 1, --warmup >= 0")
     batches = _ints(args.batch_sizes, "batch-sizes")
+    if (args.cuda_graphs or getattr(args, "fast", False)) and device.type != "cuda":
+        print("--cuda-graphs / --fast replay CUDA graphs, which need a GPU: timing the eager step only")
     if args.bench_name == "tp":
         grids = tuple(ParallelConfig(tp=t) for t in _ints(args.tp, "tp"))
     else:
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
     from workbench.parallel.measure import time_grids
 
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
-                        dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
+                        dtype, cuda_graphs=args.cuda_graphs,
                         fast=getattr(args, "fast", False))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
@@ -108,6 +111,9 @@ def run(args: argparse.Namespace) -> dict:
                  if "bubble_measured" in r else "")
         graph = "".join(f"  {k} {r[f'{k}_step_ms']:.2f} ms (x{r[f'{k}_over_floor']:.2f})"
                         for k in ("graph", "fast") if f"{k}_step_ms" in r)
+        if "graph_bubble_measured" in r:
+            graph += (f" bubble {r['graph_bubble_measured']:.2f} "
+                      f"(timetable {r['graph_bubble_schedule']:.2f})")
         print(f"{r['system']:<22} B={r['batch']:<3} step {r['step_ms']:8.2f} ms  floor "
               f"{r['floor_ms']:7.2f} ms  x{r['step_over_floor']:.2f}{extra}{graph}")
     return report
@@ -137,4 +143,8 @@ def _checks(rows: list[dict]) -> dict:
         # the part of that gap that unequal stages explain (the rest: hand-overs)
         out["max_schedule_bubble_abs_error"] = max(abs(r["bubble_schedule"] - r["bubble_formula"])
                                                    for r in rows if "bubble_schedule" in r)
+    graph_bubbles = [abs(r["graph_bubble_measured"] - r["bubble_formula"]) for r in rows
+                     if "graph_bubble_measured" in r]
+    if graph_bubbles:  # the same gap with every micro-batch replayed from a CUDA graph
+        out["max_graph_bubble_abs_error"] = max(graph_bubbles)
     return out

@@ -10,9 +10,11 @@ row feeds the next step): prefill ``batch`` random prompts of ``context_len`` to
 (a GPipe step runs m + p - 1 slots of time, and every micro-batch re-reads its stage's weights).
 Bandwidth is measured on rank 0's device (:func:`workbench.hardware.measure_bandwidth`), the
 all-reduce latency on the TP group with the message a decode step sends (``B x hidden``).
-With ``cuda_graphs`` (GPU, PP 1) the decode step is also captured in a CUDA graph and replayed at
+With ``cuda_graphs`` (GPU) the decode step is also captured in a CUDA graph and replayed at
 a fixed position (each replay rewrites the same KV slot: the same work as a real step), its
-logits checked against the eager step; the graph is released before teardown. With ``fast`` (GPU,
+logits checked against the eager step; the graph is released before teardown. On a pipeline
+(PP > 1) every stage captures one graph per micro-batch and the hand-overs stay eager between
+replays (:func:`pipeline_graph_step`), and the bubble is measured again. With ``fast`` (GPU,
 PP 1) the engine's GPU fast path is captured too (:class:`~workbench.engine.fastpath.FusedDecoder`:
 fused weights, compiled glue, Triton paged attention, the TP all-reduces between), over a paged copy
 of the same KV cache.
@@ -31,10 +33,10 @@ from workbench.model.batch import ForwardBatch
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import DistContext
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
-                                         schedule_bubble)
+                                         run_stage, schedule_bubble, stage_programs)
 from workbench.parallel.plan import ParallelConfig
 
-__all__ = ["DecodeBench", "decode_worker", "fused_step"]
+__all__ = ["DecodeBench", "decode_worker", "fused_step", "pipeline_graph_step"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,68 @@ def _graph_step(dec: _Decoder, step=None, key: str = "graph") -> dict:
             f"{key}_token_agreement": agree}
 
 
+def pipeline_graph_step(dec: _Decoder, capture: bool = True) -> dict:
+    """PP: every stage's micro-batches of one decode step captured in CUDA graphs, one per
+    micro-batch (embedding, layers, and on the last stage the norm and LM head), the hand-overs
+    eager between replays: ``recv`` into the graph's input buffer, replay, ``isend`` its output.
+
+    An eager micro-batch of a stage launches ~15 kernels per layer from Python; a replay launches
+    one graph, so what is left of the bubble's excess over (p-1)/(m+p-1) is unequal stages and
+    the hand-overs themselves. Checked, timed and its bubble measured like the eager step
+    (:meth:`_Decoder.timed`): every step ends with the last stage's greedy tokens broadcast to
+    the others, which the first stage's graphs embed next (each replay rewrites the same KV
+    position). The graphs are released before returning. ``capture=False`` runs the same
+    programs eagerly (the CPU tests' path through everything but the capture)."""
+    from workbench.engine.cudagraph import capture_graph
+
+    w, mesh, bench = dec.w, dec.w.mesh, dec.bench
+    fixed = dec.batch(dec.pos)  # reads dec.tokens, which the steps below update in place
+    eager = dec.forward(fixed)  # [B, vocab] on the last stage, else None
+    programs = stage_programs(w.model, mesh, fixed, dec.kv, w.par.micro_batches,
+                              w.config.hidden_size, dec.dev, w.dtype, last_only=True)
+    graphs = []
+    try:
+        if capture:
+            for prog in programs:
+                if prog.inbox is not None:
+                    prog.inbox.zero_()  # the warm-up runs read it before any hand-over
+                graph, out = capture_graph(prog.run, warmup=3)
+                graphs.append(graph)
+                prog.run = lambda graph=graph, out=out: (graph.replay(), out)[1]
+
+        def step(i: int, events: list | None = None) -> torch.Tensor | None:
+            logits = run_stage(mesh, programs, dec.dev, i, "decode", events)
+            if mesh.last:
+                dec.tokens.copy_(logits.argmax(-1))  # [B]
+            dist.broadcast(dec.tokens, src=mesh.rank_of(mesh.pp - 1, 0), group=mesh.group)
+            return logits
+
+        first = step(0)
+        out: dict = {}
+        if mesh.last:
+            out["graph_max_abs_logit_diff"] = float((first.float() - eager.float()).abs().max())
+            out["graph_token_agreement"] = float((first.argmax(-1) == eager.argmax(-1)).float().mean())
+        for i in range(bench.warmup):
+            step(1 + i)
+        _sync(dec.dev)
+        dist.barrier(group=mesh.cpu_group)
+        t0 = time.perf_counter()
+        for i in range(bench.steps):
+            step(1 + bench.warmup + i)
+        _sync(dec.dev)
+        out["graph_step_ms"] = (time.perf_counter() - t0) / bench.steps * 1e3
+        events: list[StageEvent] = []
+        if bench.timeline:
+            for i in range(bench.steps):
+                step(i, events)
+        out["graph_events"] = events if mesh.tp_rank == 0 else []
+        return out
+    finally:
+        for graph in graphs:
+            graph.reset()  # release the graphs before any teardown
+        _sync(dec.dev)
+
+
 def fused_step(dec: _Decoder, compile: bool = True, attention: str = "auto"):
     """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
     ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
@@ -203,9 +267,13 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                     _Decoder(worker, B, bench).timed(events)
                 mb_rows = -(-B // min(par.micro_batches, B))
                 ar_s = _allreduce_s(worker, mb_rows)
-                graphs = par.pp == 1 and ctx.device.type == "cuda"
-                extra = _graph_step(dec) if bench.cuda_graphs and graphs else {}
-                extra |= _graph_step(dec, fused_step(dec), "fast") if bench.fast and graphs else {}
+                cuda = ctx.device.type == "cuda"
+                if bench.cuda_graphs and cuda:
+                    extra = _graph_step(dec) if par.pp == 1 else pipeline_graph_step(dec)
+                else:
+                    extra = {}
+                if bench.fast and cuda and par.pp == 1:
+                    extra |= _graph_step(dec, fused_step(dec), "fast")
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)
@@ -244,11 +312,16 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
         row |= {"bubble_measured": measured_bubble(events, par.pp),
                 "bubble_schedule": schedule_bubble(events, par.pp),
                 "bubble_formula": bubble_formula(par.pp, m), "events": events}
+    last = next(r for r in ranks if r["stage"] == par.pp - 1 and r["tp_rank"] == 0)  # has logits
     for key in ("graph", "fast"):
-        if f"{key}_step_ms" in ranks[0]:
-            row |= {k: ranks[0][k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
-                                             f"{key}_token_agreement")}
-            row[f"{key}_over_floor"] = ranks[0][f"{key}_step_ms"] / 1e3 / floor
+        if f"{key}_step_ms" in last:
+            row |= {k: last[k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
+                                         f"{key}_token_agreement")}
+            row[f"{key}_over_floor"] = last[f"{key}_step_ms"] / 1e3 / floor
+    graph_events = [e for r in ranks for e in r.get("graph_events", [])]
+    if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
+        row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),
+                "graph_bubble_schedule": schedule_bubble(graph_events, par.pp)}
     return row
 
 

@@ -22,6 +22,7 @@ micro-batched the same way, each step a fill-drain of its own. Notebook 05 teach
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,9 @@ from workbench.model.llama import LlamaModel
 from workbench.parallel.plan import Mesh
 from workbench.plug import pluggable
 
-__all__ = ["StageEvent", "bubble_formula", "gpipe_timetable", "measured_bubble", "pipeline_forward",
-           "schedule_bubble", "split_rows", "timetable_events"]
+__all__ = ["StageEvent", "StageProgram", "bubble_formula", "gpipe_timetable", "measured_bubble",
+           "pipeline_forward", "run_stage", "schedule_bubble", "split_rows", "stage_programs",
+           "timetable_events"]
 
 
 @dataclass(frozen=True)
@@ -152,40 +154,74 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+@dataclass
+class StageProgram:
+    """This stage's work on micro-batch ``micro_batch`` (rows ``rows`` of the batch): ``run()``
+    returns the hidden states to send on, or the logits on the last stage. ``inbox`` is the
+    buffer the previous stage's hidden states are received into (None on the first stage, which
+    embeds the tokens). ``run`` may be replaced by a CUDA graph's replay that reads ``inbox`` and
+    rewrites the tensor it returns (:func:`workbench.parallel.measure.pipeline_graph_step`)."""
+
+    micro_batch: int
+    rows: slice
+    inbox: torch.Tensor | None
+    run: Callable[[], torch.Tensor]
+
+
+def stage_programs(model: LlamaModel, mesh: Mesh, batch: ForwardBatch, kv: KVCache | None,
+                   micro_batches: int, hidden: int, device: torch.device, dtype: torch.dtype,
+                   last_only: bool = False) -> list[StageProgram]:
+    """This stage's row of the GPipe timetable for ``batch``: one program per micro-batch, in
+    the order the stage runs them."""
+    parts = split_rows(batch, micro_batches)
+    order = [j for slot in gpipe_timetable(mesh.pp, len(parts)) for s, j in slot if s == mesh.stage]
+    programs = []
+    for j in order:
+        rows, mb = parts[j]
+        B, T = mb.input_ids.shape
+        inbox = None if mesh.first else torch.empty(B, T, hidden, device=device, dtype=dtype)
+        sub_kv = kv if kv is None or len(parts) == 1 else RowSliceKV(kv, rows)
+
+        def run(mb=mb, inbox=inbox, sub_kv=sub_kv) -> torch.Tensor:
+            x = model.embed(mb) if inbox is None else inbox  # [b, T, hidden]
+            x = model.run_layers(x, mb, sub_kv, mesh.layers)
+            return model.head(x, last_only, mb.logits_indices) if mesh.last else x.contiguous()
+        programs.append(StageProgram(j, rows, inbox, run))
+    return programs
+
+
+def run_stage(mesh: Mesh, programs: list[StageProgram], device: torch.device, step: int = 0,
+              kind: str = "decode", events: list[StageEvent] | None = None) -> torch.Tensor | None:
+    """Run this stage's programs in order: receive each micro-batch's input (blocking ``recv``),
+    run it, send the result on with ``isend`` (the stage moves on to its next micro-batch); the
+    logits of every row on the last stage, else None."""
+    clock = (lambda: _now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
+    outputs, pending = [], []
+    for prog in programs:
+        if prog.inbox is not None:
+            dist.recv(prog.inbox, src=mesh.prev_rank)
+        t0 = clock()
+        out = prog.run()
+        if events is not None:
+            events.append(StageEvent(mesh.stage, step, prog.micro_batch, t0, clock(), kind))
+        if mesh.last:
+            outputs.append(out)
+        else:
+            pending.append((dist.isend(out, dst=mesh.next_rank), out))  # keep out alive until sent
+    for work, _ in pending:
+        work.wait()
+    return torch.cat(outputs) if mesh.last else None
+
+
 def pipeline_forward(model: LlamaModel, mesh: Mesh, batch: ForwardBatch, kv: KVCache | None,
                      micro_batches: int, hidden: int, device: torch.device, dtype: torch.dtype,
                      last_only: bool = False, step: int = 0, kind: str = "decode",
                      events: list[StageEvent] | None = None) -> torch.Tensor | None:
-    """This stage's part of one GPipe forward pass; the logits on the last stage, else None.
-
-    Activations go to the next stage with ``isend`` (this stage moves on to its next
-    micro-batch) and come from the previous one with a blocking ``recv``.
-    """
-    parts = split_rows(batch, micro_batches)
-    order = [j for slot in gpipe_timetable(mesh.pp, len(parts)) for s, j in slot if s == mesh.stage]
-    clock = (lambda: _now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
-    outputs, pending = [], []
-    for j in order:  # this stage's row of the GPipe timetable: micro-batches 0 .. m-1
-        rows, mb = parts[j]
-        B, T = mb.input_ids.shape
-        if mesh.first:
-            t0 = clock()
-            x = model.embed(mb)  # [b, T, hidden]
-        else:
-            x = torch.empty(B, T, hidden, device=device, dtype=dtype)  # [b, T, hidden]
-            dist.recv(x, src=mesh.prev_rank)
-            t0 = clock()
-        sub_kv = kv if kv is None or len(parts) == 1 else RowSliceKV(kv, rows)
-        x = model.run_layers(x, mb, sub_kv, mesh.layers)
-        if mesh.last:
-            outputs.append(model.head(x, last_only, mb.logits_indices))
-        if events is not None:
-            events.append(StageEvent(mesh.stage, step, j, t0, clock(), kind))
-        if not mesh.last:
-            x = x.contiguous()
-            pending.append((dist.isend(x, dst=mesh.next_rank), x))  # keep x alive until sent
-    for work, _ in pending:
-        work.wait()
+    """This stage's part of one GPipe forward pass (:func:`stage_programs` run by
+    :func:`run_stage`); the logits on the last stage, else None."""
+    programs = stage_programs(model, mesh, batch, kv, micro_batches, hidden, device, dtype,
+                              last_only)
+    logits = run_stage(mesh, programs, device, step, kind, events)
     if kv is not None:
         kv.advance(batch)
-    return torch.cat(outputs) if mesh.last else None
+    return logits
