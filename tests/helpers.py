@@ -45,3 +45,23 @@ def write_tiny_checkpoint(out_dir: Path, config: ModelConfig | None = None, seed
     model = LlamaModel(config or tiny_config()).eval()
     save_checkpoint(model, out_dir, dtype=dtype)
     return model
+
+
+def paged_attention_case(B: int, H: int, Hkv: int, D: int, bs: int, nb: int,
+                         dtype: torch.dtype, device: str = "cpu") -> dict:
+    """A random paged decode-attention problem and its answer by the gather path: q [B, H, D],
+    pools [blocks, bs, Hkv, D] in shuffled blocks, tables [B, nb], lengths [B] from 1 to nb x bs."""
+    from workbench.engine.fastpath import gather_attention
+
+    g = torch.Generator(device=device).manual_seed(B)
+    blocks = B * nb + 3
+    k_pool = torch.randn(blocks, bs, Hkv, D, device=device, generator=g).to(dtype)
+    v_pool = torch.randn(blocks, bs, Hkv, D, device=device, generator=g).to(dtype)
+    tables = torch.randperm(blocks, device=device, generator=g)[:B * nb].view(B, nb)
+    lens = torch.randint(1, nb * bs + 1, (B,), device=device, generator=g)
+    q = torch.randn(B, H, D, device=device, generator=g).to(dtype)
+    keep = torch.arange(nb * bs, device=device) < lens[:, None]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(
+        ~keep, float("-inf"))[:, None, None]
+    return dict(q=q, k_pool=k_pool, v_pool=v_pool, tables=tables, lens=lens,
+                expected=gather_attention(q, k_pool, v_pool, tables, mask))

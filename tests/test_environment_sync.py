@@ -29,6 +29,9 @@ def conda_deps() -> dict[str, str]:
             name, version = _split(line[4:])
             if name not in ("python", "pip"):
                 deps[CONDA_NAMES.get(name, name)] = version
+        elif in_deps and re.match(r"^      - [A-Za-z]", line):  # pip's own list (markers allowed)
+            name, version = _split(line[8:])
+            deps[name] = version
     return deps
 
 

@@ -6,6 +6,7 @@ Skipped without CUDA (CI has none); run on a GPU machine by tools/gpu/paged.sh.
 import pytest
 import torch
 
+from tests.helpers import paged_attention_case
 from workbench.engine import ContinuousEngine, EngineConfig, Request, run_continuous, run_static
 from workbench.model.loading import load_model
 
@@ -58,20 +59,9 @@ def test_bf16_graphs_agree_with_eager(model, compile):
 @pytest.mark.parametrize("B,H,Hkv,D,bs,nb", [(1, 32, 8, 64, 16, 16), (5, 4, 2, 16, 16, 3),
                                              (33, 8, 1, 128, 16, 9), (3, 6, 6, 32, 8, 40)])
 def test_triton_paged_decode_matches_gather(B, H, Hkv, D, bs, nb, dtype):
-    from workbench.engine.fastpath import gather_attention
     from workbench.kv.paged_triton import paged_decode
 
-    g = torch.Generator(device="cuda").manual_seed(B)
-    blocks = B * nb + 3
-    k_pool = torch.randn(blocks, bs, Hkv, D, device="cuda", generator=g).to(dtype)
-    v_pool = torch.randn(blocks, bs, Hkv, D, device="cuda", generator=g).to(dtype)
-    tables = torch.randperm(blocks, device="cuda", generator=g)[:B * nb].view(B, nb)
-    lens = torch.randint(1, nb * bs + 1, (B,), device="cuda", generator=g)
-    q = torch.randn(B, H, D, device="cuda", generator=g).to(dtype)
-    keep = torch.arange(nb * bs, device="cuda") < lens[:, None]
-    mask = torch.zeros(keep.shape, dtype=dtype, device="cuda").masked_fill(
-        ~keep, float("-inf"))[:, None, None]
-    expected = gather_attention(q, k_pool, v_pool, tables, mask)
-    got = paged_decode(q, k_pool, v_pool, tables, lens)
+    case = paged_attention_case(B, H, Hkv, D, bs, nb, dtype, "cuda")
+    got = paged_decode(case["q"], case["k_pool"], case["v_pool"], case["tables"], case["lens"])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), case["expected"].float(), rtol=tol, atol=tol)
