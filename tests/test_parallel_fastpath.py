@@ -4,14 +4,20 @@ gloo ranks (CPU) without the capture.
 * The engine's fast decode step on tensor-parallel ranks (``bench tp --fast``): fused weights,
   the two all-reduces of each layer between its pieces, biases added once after the sum. Without
   torch.compile and with gathered attention it gives the logits of the plain TP step.
+* The all-reduce back ends (``bench tp --symm-mem``): ``dist`` sums on gloo; the one-shot through
+  symmetric memory is a clear error off CUDA.
 * A pipeline's per-micro-batch stage programs (``bench pp --cuda-graphs``), run eagerly: the same
   logits as the plain pipelined step, greedy tokens handed back to the first stage, a timeline."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from tests.helpers import BUNDLED_DIR, tiny_config, write_tiny_checkpoint
+from workbench.errors import WorkbenchError
+from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
 from workbench.parallel.measure import DecodeBench, _Decoder, fused_step, pipeline_graph_step
@@ -67,3 +73,19 @@ def test_pipeline_stage_programs_give_the_plain_step(tmp_path):
         events = first["graph_events"] + last["graph_events"]  # 3 timed steps, every stage x m
         assert sorted((e.step, e.stage, e.micro_batch) for e in events) == sorted(
             (i, s, j) for i in range(3) for s in range(2) for j in range(min(m, batch)))
+
+
+def _reduce_on_gloo(ctx) -> tuple[list, float]:
+    x = torch.full((3, 4), float(ctx.rank + 1))  # [3, 4]
+    reduce = make_reduce("dist", dist.group.WORLD, x.numel(), x.dtype, torch.device("cpu"))
+    reduce(x)  # in place
+    return x.tolist(), reduce_latency_s(reduce, torch.zeros(3, 4), dist.group.WORLD, iters=3)
+
+
+def test_allreduce_back_ends():
+    for summed, seconds in launch(_reduce_on_gloo, 2, timeout_s=60):
+        assert summed == [[3.0] * 4] * 3 and seconds > 0
+    with pytest.raises(WorkbenchError, match="symmetric memory, which needs CUDA"):
+        make_reduce("symm", None, 8, torch.float32, torch.device("cpu"))
+    with pytest.raises(WorkbenchError, match="one of dist, symm"):
+        make_reduce("ring", None, 8, torch.float32, torch.device("cpu"))

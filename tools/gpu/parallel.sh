@@ -4,21 +4,26 @@
 #   On 4 GPUs (nvidia-h100-x4 or 4 x H200), from the repository root:   OUT=$OUT bash tools/gpu/parallel.sh
 #   CPU smoke test (2 gloo ranks, bundled model):  DEVICE=cpu SMOKE=1 OUT=/tmp/x PYTHON=.venv/bin/python bash tools/gpu/parallel.sh
 #
-# Writes to $OUT (7 files):
+# Writes to $OUT (up to 8 files):
 #   bench_tp.json         bench tp: Llama-3.1-8B shape, bf16 random weights, TP 1/2/4, batch 1 and 32,
 #                         decode step vs floor (weight bytes per GPU / measured bandwidth + 2 all-reduces
 #                         per layer at their measured latency), communication share
 #   bench_tp_graphs.json  bench tp --cuda-graphs --fast: the plain step and the engine's fast path replayed from
 #                         CUDA graphs (GPU only; optional: a failure here does not fail the job)
+#   bench_tp_symm.json    bench tp --fast --symm-mem (stage tp-symm, not in the default list): the fast path again, and
+#                         at TP > 1 with the one-shot all-reduce through symmetric memory, its latency replayed
+#                         from a CUDA graph next to NCCL's (GPU only; optional)
 #   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
 #   bench_pp_graphs.json  bench pp --cuda-graphs: the same, and every stage's micro-batches replayed from CUDA
 #                         graphs with eager hand-overs between them, its bubble measured again (GPU only; optional)
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
 #   parallel.log          everything printed
 # Every stage has a timeout (the launcher stops all ranks if one fails or hangs). BENCHES picks the benchmark
-# stages (default "tp tp-graphs pp pp-graphs", in that order; " " for none), NOTEBOOKS the notebooks (default
-# 04 and 05; " " for none). The stage limits add up to 860 s, more than one device call (600 s): run
-#   BENCHES="tp tp-graphs" NOTEBOOKS=" "   (390 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks).
+# stages (default "tp tp-graphs pp pp-graphs"; also tp-symm; run in the order tp, tp-graphs, tp-symm, pp,
+# pp-graphs; " " for none), NOTEBOOKS the notebooks (default 04 and 05; " " for none). The default stage limits
+# add up to 860 s, more than one device call (600 s): run
+#   BENCHES="tp tp-graphs" NOTEBOOKS=" "   (390 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks)
+# and BENCHES=tp-symm NOTEBOOKS=" " (240 s) for the one-shot all-reduce.
 # The tp-graphs stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
 set -u
 OUT=${OUT:-out/gpu-parallel}
@@ -46,7 +51,8 @@ else
     if [ "$RANKS" -lt 4 ]; then TP=1,2; PP=1,2; fi
 fi
 # Per-stage limits (seconds); a device call allows 600 s (see the header).
-T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_PP=${T_PP:-120}; T_PPG=${T_PPG:-150}; T_NB=${T_NB:-100}
+T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_SYMM=${T_SYMM:-240}; T_PP=${T_PP:-120}; T_PPG=${T_PPG:-150}
+T_NB=${T_NB:-100}
 BENCHES=${BENCHES:-tp tp-graphs pp pp-graphs}
 if [ "${SKIP_BENCH:-0}" = 1 ]; then BENCHES=" "; fi  # the older spelling of BENCHES=" "
 has() { [[ " $BENCHES " == *" $1 "* ]]; }
@@ -64,6 +70,12 @@ if has tp-graphs && [ "$DEVICE" = cuda ]; then
     timeout $T_GRAPHS $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
         --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --fast --json "$OUT/bench_tp_graphs.json" \
         || echo "cuda-graph run failed (the eager results stand)"
+fi
+if has tp-symm && [ "$DEVICE" = cuda ]; then
+    step "bench tp --fast --symm-mem"
+    timeout $T_SYMM $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
+        --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --json "$OUT/bench_tp_symm.json" \
+        || echo "one-shot all-reduce run failed (the other results stand)"
 fi
 if has pp; then
     step "bench pp"

@@ -1,6 +1,6 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast] [--symm-mem]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs]
 
 One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
@@ -44,6 +44,9 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--fast", action="store_true",
                            help="also the engine's fast path in a CUDA graph (GPU): fused weights, "
                                 "torch.compile'd glue, Triton paged attention")
+            b.add_argument("--symm-mem", action="store_true",
+                           help="also the fast path with the one-shot all-reduce through symmetric "
+                                "memory (GPU, TP > 1; workbench.parallel.allreduce)")
         else:
             b.add_argument("--pp", default="1,2", help="comma-separated PP sizes")
             b.add_argument("--micro-batches", default="1,2,4", help="comma-separated m")
@@ -71,8 +74,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.context_len < 1 or args.steps < 1 or args.warmup < 0:
         raise WorkbenchError("--context-len and --steps must be >= 1, --warmup >= 0")
     batches = _ints(args.batch_sizes, "batch-sizes")
-    if (args.cuda_graphs or getattr(args, "fast", False)) and device.type != "cuda":
-        print("--cuda-graphs / --fast replay CUDA graphs, which need a GPU: timing the eager step only")
+    graphs = args.cuda_graphs or getattr(args, "fast", False) or getattr(args, "symm_mem", False)
+    if graphs and device.type != "cuda":
+        print("--cuda-graphs / --fast / --symm-mem replay CUDA graphs, which need a GPU: timing the "
+              "eager step only")
     if args.bench_name == "tp":
         grids = tuple(ParallelConfig(tp=t) for t in _ints(args.tp, "tp"))
     else:
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
 
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
                         dtype, cuda_graphs=args.cuda_graphs,
-                        fast=getattr(args, "fast", False))
+                        fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                  f"{r['bubble_schedule']:.2f}) vs {r['bubble_formula']:.2f}"
                  if "bubble_measured" in r else "")
         graph = "".join(f"  {k} {r[f'{k}_step_ms']:.2f} ms (x{r[f'{k}_over_floor']:.2f})"
-                        for k in ("graph", "fast") if f"{k}_step_ms" in r)
+                        for k in ("graph", "fast", "fast_symm") if f"{k}_step_ms" in r)
         if "graph_bubble_measured" in r:
             graph += (f" bubble {r['graph_bubble_measured']:.2f} "
                       f"(timetable {r['graph_bubble_schedule']:.2f})")
@@ -128,12 +133,13 @@ def _checks(rows: list[dict]) -> dict:
         for tp in (2, 4):
             if base and (tp, 1, 1, B) in by:
                 out[f"tp{tp}_speedup_b{B}"] = base["step_ms"] / by[(tp, 1, 1, B)]["step_ms"]
-                for k in ("graph", "fast"):  # the same ratio for the replayed steps
-                    if f"{k}_step_ms" in base and f"{k}_step_ms" in by[(tp, 1, 1, B)]:
-                        out[f"tp{tp}_{k}_speedup_b{B}"] = (base[f"{k}_step_ms"]
+                for k, k1 in (("graph", "graph"), ("fast", "fast"), ("fast_symm", "fast")):
+                    # the same ratio for the replayed steps (TP 1 has no all-reduce to replace)
+                    if f"{k1}_step_ms" in base and f"{k}_step_ms" in by[(tp, 1, 1, B)]:
+                        out[f"tp{tp}_{k}_speedup_b{B}"] = (base[f"{k1}_step_ms"]
                                                           / by[(tp, 1, 1, B)][f"{k}_step_ms"])
     out["max_step_over_floor"] = max(r["step_over_floor"] for r in rows)
-    for k in ("graph", "fast"):
+    for k in ("graph", "fast", "fast_symm"):
         if any(f"{k}_over_floor" in r for r in rows):
             out[f"max_{k}_over_floor"] = max(r.get(f"{k}_over_floor", 0.0) for r in rows)
     bubbles = [abs(r["bubble_measured"] - r["bubble_formula"]) for r in rows

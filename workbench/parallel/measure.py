@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
+from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import DistContext
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
@@ -53,6 +54,7 @@ class DecodeBench:
     timeline: bool = True  # PP: a second run records stage events for the bubble
     cuda_graphs: bool = False
     fast: bool = False  # also the fast path (fused weights + compile + Triton) in a CUDA graph
+    symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
 
 
 def _sync(dev: torch.device) -> None:
@@ -108,21 +110,16 @@ class _Decoder:
         return (time.perf_counter() - t0) / self.bench.steps
 
 
-def _allreduce_s(worker: RankWorker, nbytes_rows: int, iters: int = 30) -> float:
-    """Seconds per eager all-reduce of [rows, hidden] on the TP group (0 without TP)."""
+def _allreduce_s(worker: RankWorker, rows: int, kind: str = "dist", graph: bool = False) -> float:
+    """Seconds per all-reduce of [rows, hidden] on the TP group (0 without TP): eager ``dist`` by
+    default (the floor's), or ``kind`` / replayed from a CUDA graph
+    (:func:`workbench.parallel.allreduce.reduce_latency_s`)."""
     mesh, dev = worker.mesh, worker.ctx.device
     if mesh.tp_group is None:
         return 0.0
-    x = torch.zeros(nbytes_rows, worker.config.hidden_size, device=dev, dtype=worker.dtype)
-    for _ in range(5):
-        dist.all_reduce(x, group=mesh.tp_group)
-    _sync(dev)
-    dist.barrier(group=mesh.cpu_group)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce(x, group=mesh.tp_group)
-    _sync(dev)
-    return (time.perf_counter() - t0) / iters
+    x = torch.zeros(rows, worker.config.hidden_size, device=dev, dtype=worker.dtype)
+    reduce = make_reduce(kind, mesh.tp_group, x.numel(), x.dtype, dev)
+    return reduce_latency_s(reduce, x, mesh.cpu_group, graph=graph)
 
 
 def _graph_step(dec: _Decoder, step=None, key: str = "graph") -> dict:
@@ -214,10 +211,12 @@ def pipeline_graph_step(dec: _Decoder, capture: bool = True) -> dict:
         _sync(dec.dev)
 
 
-def fused_step(dec: _Decoder, compile: bool = True, attention: str = "auto"):
+def fused_step(dec: _Decoder, compile: bool = True, attention: str = "auto",
+               allreduce: str = "dist"):
     """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
     ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
-    the TP group's all-reduces: a function of no arguments returning the logits ``[B, vocab]``."""
+    the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`):
+    a function of no arguments returning the logits ``[B, vocab]``."""
     from workbench.engine.fastpath import FusedDecoder
     from workbench.kv.paged import PagedKVCache
 
@@ -232,8 +231,9 @@ def fused_step(dec: _Decoder, compile: bool = True, attention: str = "auto"):
     positions = torch.full((B,), pos, device=dec.dev)
     lens = torch.full((B,), pos + 1, device=dec.dev)
     group = w.mesh.tp_group
-    fused = FusedDecoder(w.model, kv, compile, attention, reduce=None if group is None else (
-        lambda t: dist.all_reduce(t, group=group)))
+    reduce = None if group is None else make_reduce(allreduce, group, B * w.config.hidden_size,
+                                                    w.dtype, dec.dev)
+    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce)
     return lambda: fused(dec.tokens, positions, slots, tables, lens)
 
 
@@ -274,6 +274,10 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                     extra = {}
                 if bench.fast and cuda and par.pp == 1:
                     extra |= _graph_step(dec, fused_step(dec), "fast")
+                if bench.symm_mem and cuda and par.pp == 1 and par.tp > 1:
+                    extra |= _graph_step(dec, fused_step(dec, allreduce="symm"), "fast_symm")
+                    extra |= {"ar_nccl_graph_s": _allreduce_s(worker, mb_rows, "dist", True),
+                              "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", True)}
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)
@@ -313,11 +317,19 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
                 "bubble_schedule": schedule_bubble(events, par.pp),
                 "bubble_formula": bubble_formula(par.pp, m), "events": events}
     last = next(r for r in ranks if r["stage"] == par.pp - 1 and r["tp_rank"] == 0)  # has logits
-    for key in ("graph", "fast"):
+    if "ar_symm_graph_s" in last:  # the floor again, with the one-shot all-reduce's latency
+        symm_s = max(r["ar_symm_graph_s"] for r in ranks)
+        floors = {"fast_symm": max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
+                                   + 2 * r["layers"] * symm_s for r in ranks)}
+        row |= {"allreduce_symm_graph_us": symm_s * 1e6, "floor_symm_ms": floors["fast_symm"] * 1e3,
+                "allreduce_nccl_graph_us": max(r["ar_nccl_graph_s"] for r in ranks) * 1e6}
+    else:
+        floors = {}
+    for key in ("graph", "fast", "fast_symm"):
         if f"{key}_step_ms" in last:
             row |= {k: last[k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
                                          f"{key}_token_agreement")}
-            row[f"{key}_over_floor"] = last[f"{key}_step_ms"] / 1e3 / floor
+            row[f"{key}_over_floor"] = last[f"{key}_step_ms"] / 1e3 / floors.get(key, floor)
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),

@@ -1,0 +1,96 @@
+"""The all-reduce of a tensor-parallel decode step, two ways: NCCL, or one-shot through symmetric memory.
+
+A TP decode step sums two partial outputs per layer over the ranks (after attention's output
+projection and after the MLP's down projection): 64 all-reduces per token for a 32-layer model,
+each of only ``batch x hidden`` values (8 KB at batch 1, 256 KB at batch 32 in bf16). At that size an
+all-reduce is all latency: NCCL's took 38-57 us eager and about 19 us replayed from a CUDA graph on
+H200s (2026-11-27), so 64 of them cost more than reading a quarter of an 8B model's weights.
+
+The *one-shot* all-reduce (vLLM's custom all-reduce, PyTorch's ``symm_mem.one_shot_all_reduce``)
+trades bandwidth for latency. Every rank keeps a buffer that every other GPU of the host can read
+directly (*symmetric memory*: the same allocation mapped into each peer's address space, over
+NVLink). A step copies its partial sum into its buffer; one kernel then waits at a barrier until
+every rank has written, reads all ``world`` buffers, adds them and writes the sum, and passes a
+second barrier so that no rank overwrites its buffer while a peer still reads it::
+
+    rank r:  buffer_r <- partial_r ; barrier ; out = buffer_0 + ... + buffer_(w-1) ; barrier
+
+One kernel, no ring of steps, each rank reading ``world x`` the message: right for small messages,
+wrong for large ones (NCCL's ring moves ``2 (w-1)/w x`` the message per rank). Only peer loads are
+used - NVLink multicast (``multimem``) stays off.
+
+GPU only (symmetric memory is CUDA's); :func:`make_reduce` raises a clear error elsewhere. Used by
+``bench tp --symm-mem`` (:mod:`workbench.parallel.measure`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from workbench.errors import WorkbenchError
+
+__all__ = ["ALLREDUCES", "make_reduce", "reduce_latency_s"]
+
+ALLREDUCES = ("dist", "symm")
+
+
+def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
+                device: torch.device) -> Callable[[torch.Tensor], None]:
+    """An in-place sum over ``group`` of a contiguous tensor of at most ``max_numel`` values:
+    ``"dist"`` (``torch.distributed.all_reduce``: NCCL on GPUs, gloo on CPUs) or ``"symm"`` (one-shot through a symmetric buffer made
+    here, a collective call: every rank of ``group`` must make it)."""
+    if kind not in ALLREDUCES:
+        raise WorkbenchError(f"all-reduce must be one of {', '.join(ALLREDUCES)}, not {kind!r}")
+    if kind == "dist":
+        return lambda t: dist.all_reduce(t, group=group)
+    if device.type != "cuda":
+        raise WorkbenchError("the one-shot all-reduce uses symmetric memory, which needs CUDA GPUs "
+                             f"(this rank runs on {device.type})")
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)  # [max_numel], peer-readable
+    symm_mem.rendezvous(buffer, group.group_name)  # exchange the mappings with every peer
+    name = group.group_name
+
+    def reduce(t: torch.Tensor) -> None:
+        n = t.numel()
+        if n > max_numel:
+            raise WorkbenchError(f"all-reduce of {n} values; the symmetric buffer holds {max_numel}")
+        mine = buffer[:n]
+        mine.copy_(t.view(-1))
+        torch.ops.symm_mem.one_shot_all_reduce_out(mine, "sum", name, t.view(-1))
+
+    return reduce
+
+
+def reduce_latency_s(reduce: Callable[[torch.Tensor], None], x: torch.Tensor, cpu_group,
+                     iters: int = 30, graph: bool = False) -> float:
+    """Seconds per ``reduce(x)``, every rank starting together after a warm-up; with ``graph``
+    (CUDA) ``iters`` calls captured in one CUDA graph and replayed, as in a replayed decode step."""
+    cuda = x.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(x.device)) if cuda else (lambda: None)  # noqa: E731
+    for _ in range(5):
+        reduce(x)
+    run = lambda: [reduce(x) for _ in range(iters)]  # noqa: E731
+    captured = None
+    if graph and cuda:
+        from workbench.engine.cudagraph import capture_graph
+
+        captured, _ = capture_graph(run, warmup=1)
+        run = captured.replay
+    try:
+        run()  # one untimed pass (the graph's first replay)
+        sync()
+        dist.barrier(group=cpu_group)
+        t0 = time.perf_counter()
+        run()
+        sync()
+        return (time.perf_counter() - t0) / iters
+    finally:
+        if captured is not None:
+            captured.reset()  # release the captured collectives before any teardown
+            sync()
