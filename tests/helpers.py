@@ -65,3 +65,37 @@ def paged_attention_case(B: int, H: int, Hkv: int, D: int, bs: int, nb: int,
         ~keep, float("-inf"))[:, None, None]
     return dict(q=q, k_pool=k_pool, v_pool=v_pool, tables=tables, lens=lens,
                 expected=gather_attention(q, k_pool, v_pool, tables, mask))
+
+
+def rope_attention_outputs(B: int, H: int, Hkv: int, D: int, bs: int, nb: int,
+                           dtype: torch.dtype, device: str = "cpu",
+                           splits: int | None = None) -> dict:
+    """One decode step's attention on a :func:`paged_attention_case`, two ways: "reference"
+    (RoPE in PyTorch, ``write_kv``, ``paged_decode``) and "fused" (``rope_paged_decode``), each
+    (output [B, H, D], k pool, v pool). The last row's new token opens a split (splits are whole
+    tiles of 32 or 64 tokens); with more rows, the first row's new token is its only one."""
+    from workbench.engine.fastpath import _rope
+    from workbench.kv.paged_triton import paged_decode, rope_paged_decode, write_kv
+
+    case = paged_attention_case(B, H, Hkv, D, bs, nb, dtype, device)
+    lens, tables = case["lens"], case["tables"]
+    lens[-1] = 64 * ((nb * bs - 1) // 64) + 1
+    lens[0] = 1 if B > 1 else lens[0]
+    g = torch.Generator(device=device).manual_seed(D)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, device=device, generator=g).to(dtype)
+    half = torch.rand(B, 1, D // 2, device=device, generator=g) * 6.3  # angles
+    cos, sin = (f(torch.cat((half, half), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    pos = lens - 1
+    slots = tables[torch.arange(B, device=device), pos // bs] * bs + pos % bs  # [B]
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    out = {}
+    for way in ("reference", "fused"):
+        k_pool, v_pool = case["k_pool"].clone(), case["v_pool"].clone()
+        if way == "reference":
+            write_kv(k_pool, v_pool, _rope(k.view(B, Hkv, D), cos, sin), v.view(B, Hkv, D), slots)
+            attn = paged_decode(_rope(q.view(B, H, D), cos, sin), k_pool, v_pool, tables, lens,
+                                splits)
+        else:
+            attn = rope_paged_decode(qkv, cos, sin, k_pool, v_pool, slots, tables, lens, H, splits)
+        out[way] = (attn, k_pool, v_pool)
+    return out

@@ -286,3 +286,5 @@ def test_fused_decode_step_equals_the_model_forward(model):
             batch.input_ids[0], batch.positions[0], lay.slot_mapping,
             lay.block_tables[:, :lay.decode_blocks], lay.context_lens_t)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(WorkbenchError, match="attention must be auto or one of triton"):
+        FusedDecoder(model, engine.kv, compile=False, attention="flash")

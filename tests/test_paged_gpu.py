@@ -6,7 +6,7 @@ Skipped without CUDA (CI has none); run on a GPU machine by tools/gpu/paged.sh.
 import pytest
 import torch
 
-from tests.helpers import paged_attention_case
+from tests.helpers import paged_attention_case, rope_attention_outputs
 from workbench.engine import ContinuousEngine, EngineConfig, Request, run_continuous, run_static
 from workbench.model.loading import load_model
 
@@ -65,3 +65,15 @@ def test_triton_paged_decode_matches_gather(B, H, Hkv, D, bs, nb, dtype):
     got = paged_decode(case["q"], case["k_pool"], case["v_pool"], case["tables"], case["lens"])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), case["expected"].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [None, 1])
+@pytest.mark.parametrize("B,H,Hkv,D,bs,nb", [(1, 32, 8, 64, 16, 16), (5, 4, 2, 16, 16, 3),
+                                             (33, 8, 1, 128, 16, 9), (32, 32, 8, 128, 16, 9)])
+def test_triton_rope_paged_decode_matches_rope_write_then_attend(B, H, Hkv, D, bs, nb, splits,
+                                                                 dtype):
+    ways = rope_attention_outputs(B, H, Hkv, D, bs, nb, dtype, "cuda", splits)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in zip(ways["fused"], ways["reference"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)

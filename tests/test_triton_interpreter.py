@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import paged_attention_case, torch_threads
+from tests.helpers import paged_attention_case, rope_attention_outputs, torch_threads
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,16 @@ else:
                            case["lens"], splits)
         torch.testing.assert_close(got, case["expected"], rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("splits", [None, 1, 3])
+    @pytest.mark.parametrize("B,H,Hkv,D,bs,nb", SHAPES)
+    def test_rope_paged_decode_equals_rope_write_then_attend(B, H, Hkv, D, bs, nb, splits):
+        """The fused kernel (RoPE of q and the new key, their write, attention over the earlier
+        tokens plus the new one from registers) = RoPE, ``write_kv``, ``paged_decode``, with the
+        new token at any place in any split, including a row's first token."""
+        pools = rope_attention_outputs(B, H, Hkv, D, bs, nb, torch.float32, splits=splits)
+        for got, want in zip(pools["fused"], pools["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
     def test_write_kv_stores_each_row_at_its_slot():
         g = torch.Generator().manual_seed(0)
         k_pool, v_pool = torch.zeros(6, 4, 2, 16), torch.zeros(6, 4, 2, 16)  # 24 slots
@@ -60,8 +70,9 @@ else:
         assert k_pool.view(24, 2, 16).abs().sum(dim=(1, 2)).nonzero().flatten().tolist() == [0, 5, 22]
 
     def test_fast_path_with_triton_attention_matches_gather():
-        """The engine's fused decode step with the Triton kernels (write, split, combine) gives
-        the gather path's logits on the bundled model, at rows of different lengths."""
+        """The engine's fused decode step with the Triton kernels (write, split, combine; or
+        the RoPE-and-write fused kernel) gives the gather path's logits on the bundled model, at
+        rows of different lengths."""
         from workbench.engine.fastpath import FusedDecoder
         from workbench.kv.paged import PagedKVCache
         from workbench.model.loading import load_model
@@ -76,7 +87,7 @@ else:
             slots = tables[torch.arange(B), positions // bs] * bs + positions % bs
             ids = torch.tensor([11, 222, 3333])
             logits = {}
-            for attention in ("gather", "triton"):
+            for attention in ("gather", "triton", "triton-rope"):
                 kv = PagedKVCache(c, B * nb, bs, torch.device("cpu"), torch.float32)
                 g = torch.Generator().manual_seed(1)
                 for i in range(c.num_hidden_layers):  # the same earlier keys and values
@@ -85,5 +96,6 @@ else:
                 step = FusedDecoder(model, kv, compile=False, attention=attention)
                 with torch.inference_mode():
                     logits[attention] = step(ids, positions, slots, tables, lens)
-        torch.testing.assert_close(logits["triton"], logits["gather"], rtol=1e-4, atol=1e-4)
-        assert torch.equal(logits["triton"].argmax(-1), logits["gather"].argmax(-1))
+        for attention in ("triton", "triton-rope"):
+            torch.testing.assert_close(logits[attention], logits["gather"], rtol=1e-4, atol=1e-4)
+            assert torch.equal(logits[attention].argmax(-1), logits["gather"].argmax(-1))

@@ -1,6 +1,6 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast] [--symm-mem]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A]] [--symm-mem]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs]
 
 One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
@@ -44,6 +44,10 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--fast", action="store_true",
                            help="also the engine's fast path in a CUDA graph (GPU): fused weights, "
                                 "torch.compile'd glue, Triton paged attention")
+            b.add_argument("--fast-attention", default="auto",
+                           choices=("auto", "triton", "triton-rope", "gather"),
+                           help="the fast path's attention (auto: triton on GPUs; triton-rope: "
+                                "RoPE and the KV write in the attention kernel)")
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
                                 "memory (GPU, TP > 1; workbench.parallel.allreduce)")
@@ -99,7 +103,8 @@ def run(args: argparse.Namespace) -> dict:
 
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
                         dtype, cuda_graphs=args.cuda_graphs,
-                        fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False))
+                        fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False),
+                        fast_attention=getattr(args, "fast_attention", "auto"))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)

@@ -25,9 +25,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workbench.errors import WorkbenchError
 from workbench.kv.paged import PagedKVCache, gather_blocks
 from workbench.model.llama import LlamaModel
 from workbench.model.rope import rope_cos_sin
+
+
+ATTENTIONS = ("triton", "triton-rope", "gather")
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -43,6 +47,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def qkv_in(x, residual, norm_w, w_qkv, b_qkv, eps: float):
+    """residual += x; h = norm(residual); returns h W_qkv [b, (H + 2 Hkv) d] and the residual."""
+    residual = x if residual is None else residual + x
+    return F.linear(_rms(residual, norm_w, eps), w_qkv, b_qkv), residual
+
+
 def attention_in(x, residual, norm_w, w_qkv, b_qkv, cos, sin, eps: float, heads: int,
                  kv_heads: int, d: int):
     """residual += x; h = norm(residual); q, k, v = h W_qkv; RoPE.
@@ -50,9 +60,7 @@ def attention_in(x, residual, norm_w, w_qkv, b_qkv, cos, sin, eps: float, heads:
 
     (The write of k and v into the pools stays outside: compiled, an in-place write into an
     input became a copy of the whole pool - measured at 120 us per layer on an H100.)"""
-    residual = x if residual is None else residual + x
-    h = _rms(residual, norm_w, eps)
-    qkv = F.linear(h, w_qkv, b_qkv)  # [b, (H + 2 Hkv) d]
+    qkv, residual = qkv_in(x, residual, norm_w, w_qkv, b_qkv, eps)  # [b, (H + 2 Hkv) d]
     b = qkv.shape[0]
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q = _rope(q.view(b, heads, d), cos, sin)  # [b, H, d]
@@ -83,7 +91,9 @@ class FusedDecoder:
     """The decode step of ``model`` over paged ``kv`` with fused weights and compiled glue.
 
     ``attention``: "triton" reads the blocks in place (:mod:`workbench.kv.paged_triton`, GPU),
-    "gather" copies them out first (anywhere); "auto" takes Triton where it is available.
+    "triton-rope" also applies RoPE and writes the new key and value in that kernel
+    (:func:`~workbench.kv.paged_triton.rope_paged_decode`: three small kernels a layer fewer),
+    "gather" copies the blocks out first (anywhere); "auto" takes "triton" where it is available.
     """
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool = True,
@@ -93,6 +103,9 @@ class FusedDecoder:
         self.model, self.kv, self.config, self.reduce = model, kv, model.config, reduce
         if attention == "auto":
             attention = "triton" if paged_triton.available(model.device) else "gather"
+        if attention not in ATTENTIONS:
+            raise WorkbenchError(f"attention must be auto or one of {', '.join(ATTENTIONS)}, "
+                                 f"not {attention!r}")
         self.attention = attention
         self.layers = []
         for layer in model.layers:
@@ -108,14 +121,14 @@ class FusedDecoder:
                 w_down=m.down_proj.weight, b_down=m.down_proj.bias))
         options = dict(dynamic=True, fullgraph=True)
         self.attention_in = torch.compile(attention_in, **options) if compile else attention_in
+        self.qkv_in = torch.compile(qkv_in, **options) if compile else qkv_in
         self.mlp = torch.compile(mlp, **options) if compile else mlp
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         """Logits [b, vocab] of one decode step: ids/positions/slots/context_lens [b],
         tables [b, nb] (the blocks each row attends over)."""
-        c, model = self.config, self.model
-        eps, H, Hkv, d = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        model, eps = self.model, self.config.rms_norm_eps
         x = model.embed_tokens(ids)  # [b, hidden]
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], x.dtype)  # [b, 1, d] each
         mask = None
@@ -126,23 +139,35 @@ class FusedDecoder:
                 ~keep, float("-inf"))[:, None, None]  # [b, 1, 1, S] additive, once per step
         residual = None
         for i, w in enumerate(self.layers):
-            k_pool, v_pool = self.kv.k[i], self.kv.v[i]
-            q, k, v, residual = self.attention_in(x, residual, w["norm1"], w["w_qkv"],
-                                                  w["b_qkv"], cos, sin, eps, H, Hkv, d)
-            if self.attention == "triton":  # write this step's k/v, attend, in place
-                from workbench.kv.paged_triton import paged_decode, write_kv
-
-                write_kv(k_pool, v_pool, k, v, slots)
-                attn = paged_decode(q, k_pool, v_pool, tables, context_lens)  # [b, H, d]
-            else:
-                k_pool.view(-1, Hkv, d)[slots] = k
-                v_pool.view(-1, Hkv, d)[slots] = v
-                attn = gather_attention(q, k_pool, v_pool, tables, mask)  # [b, H, d]
+            attn, residual = self._attention(i, w, x, residual, cos, sin, slots, tables,
+                                             context_lens, mask)  # [b, H, d]
             o = self._summed(F.linear(attn.reshape(attn.shape[0], -1), w["w_o"]), w["b_o"])
             x, residual = self.mlp(o, residual, w["norm2"], w["w_gate_up"], w["b_gate_up"],
                                    w["w_down"], eps)
             x = self._summed(x, w["b_down"])
         return model.lm_head(model.norm(residual + x))  # [b, vocab]
+
+    def _attention(self, i, w, x, residual, cos, sin, slots, tables, context_lens, mask):
+        """Layer i's attention of this step: the output [b, H, d] and the residual stream."""
+        c = self.config
+        eps, H, Hkv, d = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        k_pool, v_pool = self.kv.k[i], self.kv.v[i]
+        if self.attention == "triton-rope":  # RoPE, the k/v write and attention: one kernel
+            from workbench.kv.paged_triton import rope_paged_decode
+
+            qkv, residual = self.qkv_in(x, residual, w["norm1"], w["w_qkv"], w["b_qkv"], eps)
+            return rope_paged_decode(qkv, cos, sin, k_pool, v_pool, slots, tables, context_lens,
+                                     H), residual
+        q, k, v, residual = self.attention_in(x, residual, w["norm1"], w["w_qkv"], w["b_qkv"],
+                                              cos, sin, eps, H, Hkv, d)
+        if self.attention == "triton":  # write this step's k/v, attend, in place
+            from workbench.kv.paged_triton import paged_decode, write_kv
+
+            write_kv(k_pool, v_pool, k, v, slots)
+            return paged_decode(q, k_pool, v_pool, tables, context_lens), residual
+        k_pool.view(-1, Hkv, d)[slots] = k
+        v_pool.view(-1, Hkv, d)[slots] = v
+        return gather_attention(q, k_pool, v_pool, tables, mask), residual
 
     def _summed(self, partial: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A row-parallel output: summed over the TP ranks (in place), then its bias, once."""

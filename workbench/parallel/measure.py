@@ -55,6 +55,7 @@ class DecodeBench:
     cuda_graphs: bool = False
     fast: bool = False  # also the fast path (fused weights + compile + Triton) in a CUDA graph
     symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
+    fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
 
 
 def _sync(dev: torch.device) -> None:
@@ -273,9 +274,11 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 else:
                     extra = {}
                 if bench.fast and cuda and par.pp == 1:
-                    extra |= _graph_step(dec, fused_step(dec), "fast")
+                    extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention),
+                                         "fast")
                 if bench.symm_mem and cuda and par.pp == 1 and par.tp > 1:
-                    extra |= _graph_step(dec, fused_step(dec, allreduce="symm"), "fast_symm")
+                    extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention,
+                                                         allreduce="symm"), "fast_symm")
                     extra |= {"ar_nccl_graph_s": _allreduce_s(worker, mb_rows, "dist", True),
                               "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", True)}
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The fused RoPE + KV-write + paged-attention kernel (attention="triton-rope") on one GPU, under 10 minutes (stage
+# limits 150 + 180 + 2 x 120 s):
+#   1. tests/test_paged_gpu.py -k triton: the compiled kernels against the reference (both kernels, fp32 and bf16)
+#   2. tools/profile_decode.py: the Llama-3.1-8B shape's decode step from a CUDA graph at batch 1 and 32, context 128,
+#      attention triton vs triton-rope (GPU time per step vs the floor, a profiler table of the faster one)
+#   3. bench tp --tp 1 --fast with each attention: the same step as issue 5's TP bars time it
+# Results to $OUT: attention-tests.log, decode-profile-attention.json, bench_tp1_triton.json,
+# bench_tp1_triton-rope.json, attention.log. Run from the repository root: OUT=$OUT bash tools/gpu/attention.sh
+set -u
+OUT=${OUT:?set OUT}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/attention.log") 2>&1
+source tools/gpu/setup.sh || true
+fail=0
+start=$SECONDS
+step() { echo "== $1 ($(( SECONDS - start )) s)"; }
+
+step "tests"
+timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k triton \
+    > "$OUT/attention-tests.log" 2>&1 || fail=1
+tail -3 "$OUT/attention-tests.log"
+
+step "profile_decode"
+timeout 180 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
+    --variants fused-compiled-triton,fused-compiled-triton-rope --profile-batches 32 \
+    --json "$OUT/decode-profile-attention.json" || fail=1
+
+for attention in triton triton-rope; do
+    step "bench tp --fast --fast-attention $attention"
+    timeout 120 python -m workbench bench tp --model preset:llama-3.1-8b --tp 1 --batch-sizes 1,32 \
+        --context-len 128 --steps 20 --device cuda --fast --fast-attention $attention --timeout 110 \
+        --json "$OUT/bench_tp1_$attention.json" || fail=1
+done
+step "done, exit $fail"
+exit $fail
