@@ -276,11 +276,13 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 if bench.fast and cuda and par.pp == 1:
                     extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention),
                                          "fast")
+                replayed = bench.cuda_graphs or bench.fast or bench.symm_mem
+                if replayed and cuda and par.pp == 1 and par.tp > 1:  # the floor of a replay
+                    extra["ar_graph_s"] = _allreduce_s(worker, mb_rows, "dist", graph=True)
                 if bench.symm_mem and cuda and par.pp == 1 and par.tp > 1:
                     extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention,
                                                          allreduce="symm"), "fast_symm")
-                    extra |= {"ar_nccl_graph_s": _allreduce_s(worker, mb_rows, "dist", True),
-                              "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", True)}
+                    extra["ar_symm_graph_s"] = _allreduce_s(worker, mb_rows, "symm", graph=True)
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)
@@ -302,8 +304,13 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
     """One result row: measured step, its floor, communication share and bubble."""
     m = min(par.micro_batches, B)
     ar_s = max(r["ar_s"] for r in ranks)
-    stage_floor = max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
-                      + (2 * r["layers"] * ar_s if par.tp > 1 else 0.0) for r in ranks)
+
+    def floor_with(ar: float) -> float:
+        """The slowest rank's weight and KV bytes over the bandwidth, + 2 all-reduces a layer."""
+        return max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
+                   + (2 * r["layers"] * ar if par.tp > 1 else 0.0) for r in ranks)
+
+    stage_floor = floor_with(ar_s)
     floor = stage_floor * (m + par.pp - 1) if par.pp > 1 else stage_floor
     ar_count = 2 * max(r["layers"] for r in ranks) * par.pp * (m if par.pp > 1 else 1)
     comm = ar_count * ar_s if par.tp > 1 else 0.0
@@ -320,19 +327,23 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
                 "bubble_schedule": schedule_bubble(events, par.pp),
                 "bubble_formula": bubble_formula(par.pp, m), "events": events}
     last = next(r for r in ranks if r["stage"] == par.pp - 1 and r["tp_rank"] == 0)  # has logits
-    if "ar_symm_graph_s" in last:  # the floor again, with the one-shot all-reduce's latency
-        symm_s = max(r["ar_symm_graph_s"] for r in ranks)
-        floors = {"fast_symm": max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
-                                   + 2 * r["layers"] * symm_s for r in ranks)}
-        row |= {"allreduce_symm_graph_us": symm_s * 1e6, "floor_symm_ms": floors["fast_symm"] * 1e3,
-                "allreduce_nccl_graph_us": max(r["ar_nccl_graph_s"] for r in ranks) * 1e6}
-    else:
-        floors = {}
+    # Stricter floors for the replayed steps, the all-reduces at their latency from a CUDA graph:
+    # NCCL's ("graph_ar"), the one-shot's ("symm"). floor_ms keeps the eager all-reduce's.
+    floors = {"graph_ar": floor} if par.tp == 1 else {}  # no all-reduce: one floor
+    for name, key in (("graph_ar", "ar_graph_s"), ("symm", "ar_symm_graph_s")):
+        if key in last:
+            ar = max(r[key] for r in ranks)
+            floors[name] = floor_with(ar)
+            row |= {f"allreduce_{name}_us": ar * 1e6, f"floor_{name}_ms": floors[name] * 1e3}
     for key in ("graph", "fast", "fast_symm"):
         if f"{key}_step_ms" in last:
+            step_ms = last[f"{key}_step_ms"]
             row |= {k: last[k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
                                          f"{key}_token_agreement")}
-            row[f"{key}_over_floor"] = last[f"{key}_step_ms"] / 1e3 / floors.get(key, floor)
+            row[f"{key}_over_floor"] = step_ms / 1e3 / floor
+            for name in ("graph_ar",) if key != "fast_symm" else ("symm",):
+                if name in floors:
+                    row[f"{key}_over_floor_{name}"] = step_ms / 1e3 / floors[name]
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),
