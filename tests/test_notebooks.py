@@ -32,3 +32,24 @@ def test_notebooks_have_parameters_and_summary_cells():
         source = "".join(params["source"])
         for knob in ('device = "auto"', 'model = "bundled"', "smoke = False"):
             assert knob in source, f"{book.name}: parameters cell lacks {knob}"
+
+
+
+def test_papermill_reads_every_parameter():
+    """papermill lists a notebook's parameters (``papermill --help-notebook``, the runner's
+    checks) by parsing each assignment of the parameters cell; a line it cannot parse (an ``=``
+    inside the comment does it) is dropped with a warning. Every assignment must parse."""
+    import json
+    import re
+    from pathlib import Path
+
+    from papermill.translators import PythonTranslator
+
+    labs = sorted(Path(NOTEBOOK_DIR).parent.glob("labs/*/*.ipynb"))
+    for book in [*ordered_notebooks(), *labs]:
+        cells = json.loads(book.read_text())["cells"]
+        params = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+        source = "".join(params["source"])
+        assigned = re.findall(r"^(\w+)\s*(?::[^=]*)?=", source, flags=re.M)
+        parsed = [p.name for p in PythonTranslator.inspect({"source": source})]
+        assert parsed == assigned, f"{book.name}: papermill parsed {parsed}, the cell sets {assigned}"
