@@ -6,7 +6,7 @@
 
 import pytest
 
-from workbench.runner import NOTEBOOK_DIR, ordered_notebooks, read_summary
+from workbench.runner import NOTEBOOK_DIR, kernel_options, ordered_notebooks, read_summary
 
 
 @pytest.mark.parametrize("book", ordered_notebooks(), ids=lambda p: p.name)
@@ -17,7 +17,8 @@ def test_notebook_runs_in_smoke_mode(book, tmp_path):
     papermill.execute_notebook(str(book), str(out), cwd=str(NOTEBOOK_DIR),
                                parameters={"device": "cpu", "smoke": True},
                                kernel_name="python3", progress_bar=False,
-                               execution_timeout=600)  # a cell stuck (kernel messaging) fails, not hangs
+                               execution_timeout=600,  # a cell stuck (kernel messaging) fails, not hangs
+                               **kernel_options())
     assert read_summary(out), f"{book.name} has no cell tagged 'summary' with JSON output"
 
 

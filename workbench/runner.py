@@ -28,6 +28,34 @@ def ordered_notebooks(directory: Path = NOTEBOOK_DIR, only: str | None = None) -
     return books
 
 
+def kernel_options() -> dict:
+    """Options for papermill / nbclient: on POSIX the notebook kernels listen on IPC sockets in a
+    private temporary folder of their own rather than on TCP ports (nothing else on the machine
+    can connect, and ipykernel >= 7 no longer warns, once per notebook, that its TCP traffic is
+    unencrypted). A folder per kernel: kernels started at once (lab grading) would race for the
+    same socket names in a shared one."""
+    import os
+
+    if os.name != "posix":
+        return {}
+    import shutil
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs) -> None:
+            self.socket_dir = tempfile.mkdtemp(prefix="workbench-kernel-")
+            super().__init__(transport="ipc", ip=os.path.join(self.socket_dir, "kernel"), **kwargs)
+
+        def cleanup_resources(self, restart: bool = False) -> None:
+            super().cleanup_resources(restart)
+            if not restart:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    return {"kernel_manager_class": LocalKernelManager}
+
+
 def read_summary(executed: Path) -> dict | None:
     """The JSON output of the cell tagged ``summary`` in an executed notebook, if any."""
     nb = json.loads(executed.read_text())
@@ -59,7 +87,8 @@ def run_notebooks(out: Path, device: str = "auto", smoke: bool = False,
         try:
             papermill.execute_notebook(str(book), str(target), cwd=str(book.parent),
                                        parameters={"device": device, "smoke": smoke},
-                                       kernel_name="python3", progress_bar=False)
+                                       kernel_name="python3", progress_bar=False,
+                                       **kernel_options())
             entry["status"] = "ok"
         except papermill.PapermillExecutionError as err:
             entry["status"] = f"failed in cell {err.exec_count}: {err.ename}: {err.evalue}"

@@ -117,8 +117,10 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: float) -> str | None:
     """Run every cell of ``nb`` in place (errors allowed); return why the run stopped early, if it did."""
     from nbclient import NotebookClient
 
+    from workbench.runner import kernel_options
+
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
-                            interrupt_on_timeout=True, record_timing=False)
+                            interrupt_on_timeout=True, record_timing=False, **kernel_options())
     try:
         client.execute(cwd=str(cwd), env=_kernel_env())
     except Exception as err:  # noqa: BLE001 - a dead kernel ends this notebook, not the grading
