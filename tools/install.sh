@@ -26,5 +26,5 @@ else
   "${pip[@]}" install "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu \
     --extra-index-url https://pypi.org/simple
 fi
-"${pip[@]}" install -e ".[test]"
+"${pip[@]}" install -e "."  # the test extra: make test (Makefile)
 echo "environment ready: $VENV"

@@ -8,7 +8,12 @@ cell displays (:func:`workbench.notebook.summary`) is gathered into ``summary.js
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,30 +33,24 @@ def ordered_notebooks(directory: Path = NOTEBOOK_DIR, only: str | None = None) -
     return books
 
 
+@functools.cache
 def kernel_options() -> dict:
     """Options for papermill / nbclient: on POSIX the notebook kernels listen on IPC sockets in a
-    private temporary folder of their own rather than on TCP ports (nothing else on the machine
-    can connect, and ipykernel >= 7 no longer warns, once per notebook, that its TCP traffic is
-    unencrypted). A folder per kernel: kernels started at once (lab grading) would race for the
-    same socket names in a shared one."""
-    import os
-
+    private temporary folder rather than on TCP ports (nothing else on the machine can connect,
+    and ipykernel >= 7 no longer warns, once per notebook, that its TCP traffic is unencrypted).
+    One folder per process, removed at exit: processes that start kernels at once (lab grading)
+    would race for the same socket names in a shared one; within a process kernels start one
+    after the other."""
     if os.name != "posix":
         return {}
-    import shutil
-    import tempfile
-
     from jupyter_client.manager import AsyncKernelManager
+
+    sockets = tempfile.mkdtemp(prefix="workbench-kernels-")
+    atexit.register(shutil.rmtree, sockets, ignore_errors=True)
 
     class LocalKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs) -> None:
-            self.socket_dir = tempfile.mkdtemp(prefix="workbench-kernel-")
-            super().__init__(transport="ipc", ip=os.path.join(self.socket_dir, "kernel"), **kwargs)
-
-        def cleanup_resources(self, restart: bool = False) -> None:
-            super().cleanup_resources(restart)
-            if not restart:
-                shutil.rmtree(self.socket_dir, ignore_errors=True)
+            super().__init__(transport="ipc", ip=os.path.join(sockets, "kernel"), **kwargs)
 
     return {"kernel_manager_class": LocalKernelManager}
 
