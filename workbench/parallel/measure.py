@@ -17,7 +17,9 @@ logits checked against the eager step; the graph is released before teardown. On
 replays (:func:`pipeline_graph_step`), and the bubble is measured again. With ``fast`` (GPU,
 PP 1) the engine's GPU fast path is captured too (:class:`~workbench.engine.fastpath.FusedDecoder`:
 fused weights, compiled glue, Triton paged attention, the TP all-reduces between), over a paged copy
-of the same KV cache.
+of the same KV cache; with ``symm_mem`` (GPU, TP > 1) once more with the one-shot all-reduce through
+symmetric memory (:mod:`workbench.parallel.allreduce`). A replayed step is set against the floor
+above and against a stricter one, the all-reduces at their latency replayed from a CUDA graph.
 """
 
 from __future__ import annotations
