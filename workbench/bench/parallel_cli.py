@@ -1,7 +1,7 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
     workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A]] [--symm-mem]
-    workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs]
+    workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs] [--in-flight]
 
 One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
 :func:`workbench.parallel.launch`) times every grid in turn, so all rows share one process set and
@@ -54,6 +54,10 @@ def add_parser(bench_sub) -> None:
         else:
             b.add_argument("--pp", default="1,2", help="comma-separated PP sizes")
             b.add_argument("--micro-batches", default="1,2,4", help="comma-separated m")
+            b.add_argument("--in-flight", action="store_true",
+                           help="also decode with the micro-batches in flight across steps (each "
+                                "re-enters stage 0 when its token is back), its bubble vs "
+                                "1 - steps m / (steps max(m,p) + min(m,p) - 1)")
         b.add_argument("--batch-sizes", default="1,8")
         b.add_argument("--context-len", type=int, default=64)
         b.add_argument("--steps", type=int, default=16)
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
                         dtype, cuda_graphs=args.cuda_graphs,
                         fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False),
-                        fast_attention=getattr(args, "fast_attention", "auto"))
+                        fast_attention=getattr(args, "fast_attention", "auto"),
+                        in_flight=getattr(args, "in_flight", False))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
@@ -123,6 +128,11 @@ def run(args: argparse.Namespace) -> dict:
                         + "".join(f", x{r[f'{k}_over_floor_{f}']:.2f} with the {f} floor"
                                   for f in ("graph_ar", "symm") if f"{k}_over_floor_{f}" in r)
                         + ")" for k in ("graph", "fast", "fast_symm") if f"{k}_step_ms" in r)
+        if "in_flight_step_ms" in r:
+            graph += f"  in flight {r['in_flight_step_ms']:.2f} ms (x{r['in_flight_speedup']:.2f} faster"
+            graph += (f", bubble {r['in_flight_bubble_measured']:.2f} (timetable "
+                      f"{r['in_flight_bubble_schedule']:.2f}) vs {r['in_flight_bubble_formula']:.2f})"
+                      if "in_flight_bubble_measured" in r else ")")
         if "graph_bubble_measured" in r:
             graph += (f" bubble {r['graph_bubble_measured']:.2f} "
                       f"(timetable {r['graph_bubble_schedule']:.2f})")
@@ -159,6 +169,10 @@ def _checks(rows: list[dict]) -> dict:
         # the part of that gap that unequal stages explain (the rest: hand-overs)
         out["max_schedule_bubble_abs_error"] = max(abs(r["bubble_schedule"] - r["bubble_formula"])
                                                    for r in rows if "bubble_schedule" in r)
+    flight = [abs(r["in_flight_bubble_measured"] - r["in_flight_bubble_formula"]) for r in rows
+              if "in_flight_bubble_measured" in r]
+    if flight:  # micro-batches in flight across steps, against their own formula
+        out["max_in_flight_bubble_abs_error"] = max(flight)
     graph_bubbles = [abs(r["graph_bubble_measured"] - r["bubble_formula"]) for r in rows
                      if "graph_bubble_measured" in r]
     if graph_bubbles:  # the same gap with every micro-batch replayed from a CUDA graph

@@ -35,8 +35,10 @@ from workbench.model.batch import ForwardBatch
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import DistContext
-from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
-                                         run_stage, schedule_bubble, stage_programs)
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, bubble_formula_in_flight,
+                                         decode_in_flight, measured_bubble, pipeline_forward,
+                                         run_stage, schedule_bubble, schedule_bubble_in_flight,
+                                         stage_programs)
 from workbench.parallel.plan import ParallelConfig
 
 __all__ = ["DecodeBench", "decode_worker", "fused_step", "pipeline_graph_step"]
@@ -58,6 +60,7 @@ class DecodeBench:
     fast: bool = False  # also the fast path (fused weights + compile + Triton) in a CUDA graph
     symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
     fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
+    in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
 
 
 def _sync(dev: torch.device) -> None:
@@ -150,6 +153,33 @@ def _graph_step(dec: _Decoder, step=None, key: str = "graph") -> dict:
         _sync(dec.dev)
     return {f"{key}_step_ms": seconds * 1e3, f"{key}_max_abs_logit_diff": diff,
             f"{key}_token_agreement": agree}
+
+
+def _in_flight(worker: RankWorker, B: int, bench: DecodeBench) -> dict:
+    """PP: seconds per token of :func:`~workbench.parallel.pipeline.decode_in_flight` over
+    ``bench.steps`` steps after ``bench.warmup``, all ranks starting together; then the same on a
+    fresh cache with the stages' events (the bubble of the whole run, one pass)."""
+    mesh, par = worker.mesh, worker.par
+
+    def run(events: list | None = None) -> float:
+        dec = _Decoder(worker, B, bench)
+        args = (worker.model, mesh)
+        rest = (par.micro_batches, worker.config.hidden_size, dec.dev, worker.dtype)
+        tokens = dec.tokens
+        if bench.warmup:
+            out = decode_in_flight(*args, tokens, dec.kv, dec.pos, bench.warmup, *rest)
+            tokens = out[:, -1] if out is not None else tokens
+        _sync(dec.dev)
+        dist.barrier(group=mesh.cpu_group)
+        t0 = time.perf_counter()
+        decode_in_flight(*args, tokens, dec.kv, dec.pos + bench.warmup, bench.steps, *rest, events)
+        _sync(dec.dev)
+        return (time.perf_counter() - t0) / bench.steps
+
+    seconds, events = run(), []
+    if bench.timeline:
+        run(events)
+    return {"in_flight_s": seconds, "in_flight_events": events if mesh.tp_rank == 0 else []}
 
 
 def pipeline_graph_step(dec: _Decoder, capture: bool = True) -> dict:
@@ -271,10 +301,9 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 mb_rows = -(-B // min(par.micro_batches, B))
                 ar_s = _allreduce_s(worker, mb_rows)
                 cuda = ctx.device.type == "cuda"
+                extra = _in_flight(worker, B, bench) if bench.in_flight and par.pp > 1 else {}
                 if bench.cuda_graphs and cuda:
-                    extra = _graph_step(dec) if par.pp == 1 else pipeline_graph_step(dec)
-                else:
-                    extra = {}
+                    extra |= _graph_step(dec) if par.pp == 1 else pipeline_graph_step(dec)
                 if bench.fast and cuda and par.pp == 1:
                     extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention),
                                          "fast")
@@ -346,6 +375,16 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
             for name in ("graph_ar",) if key != "fast_symm" else ("symm",):
                 if name in floors:
                     row[f"{key}_over_floor_{name}"] = step_ms / 1e3 / floors[name]
+    if "in_flight_s" in last:  # micro-batches in flight across steps: m stage-slots a step
+        seconds = max(r["in_flight_s"] for r in ranks)
+        row |= {"in_flight_step_ms": seconds * 1e3, "in_flight_output_tok_s": B / seconds,
+                "in_flight_speedup": step_s / seconds,
+                "in_flight_floor_ms": stage_floor * max(m, par.pp) * 1e3,
+                "in_flight_bubble_formula": bubble_formula_in_flight(par.pp, m, bench.steps)}
+        flight = [e for r in ranks for e in r["in_flight_events"]]
+        if flight:
+            row |= {"in_flight_bubble_measured": measured_bubble(flight, par.pp),
+                    "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m)}
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),

@@ -1,0 +1,77 @@
+"""Decode with the pipeline kept full across steps (``decode_in_flight``) on 2 gloo ranks: the same
+greedy tokens as GPipe's fill-drain steps, every (step, micro-batch) through every stage once, and
+the in-flight bubble formula's two regimes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import BUNDLED_DIR, tiny_config, write_tiny_checkpoint
+from workbench.parallel.engine import RankWorker
+from workbench.parallel.launch import launch
+from workbench.parallel.measure import DecodeBench, _Decoder
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, bubble_formula_in_flight,
+                                         decode_in_flight, measured_bubble, schedule_bubble_in_flight)
+from workbench.parallel.plan import ParallelConfig
+
+
+def _both_ways(ctx, path: str, batch: int, m: int, steps: int) -> dict:
+    par = ParallelConfig(pp=ctx.world_size, micro_batches=m)
+    bench = DecodeBench(path, (par,), (batch,), context_len=7, steps=steps, warmup=0,
+                        dtype="float32")
+    worker = RankWorker.load(ctx, path, par, torch.float32)
+    with torch.inference_mode():
+        plain, fill_drain = _Decoder(worker, batch, bench), []
+        for i in range(steps):
+            plain.step(i)
+            fill_drain.append(plain.tokens.clone())
+        fresh, events = _Decoder(worker, batch, bench), []
+        in_flight = decode_in_flight(worker.model, worker.mesh, fresh.tokens, fresh.kv, fresh.pos,
+                                     steps, m, worker.config.hidden_size, fresh.dev, worker.dtype,
+                                     events)
+    return {"fill_drain": torch.stack(fill_drain, 1).tolist(), "events": events,
+            "in_flight": None if in_flight is None else in_flight.tolist()}
+
+
+def test_in_flight_decode_gives_the_fill_drain_tokens(tmp_path):
+    write_tiny_checkpoint(tmp_path, tiny_config(vocab_size=90, num_hidden_layers=3), seed=4)
+    for path, batch, m in ((str(BUNDLED_DIR), 3, 2), (str(tmp_path), 5, 3), (str(tmp_path), 2, 1)):
+        ranks = launch(_both_ways, 2, path, batch, m, 4, timeout_s=120)
+        for r in ranks:  # both stages hold the tokens
+            assert r["in_flight"] == r["fill_drain"], (path, m)
+        items = sorted((e.stage, e.micro_batch) for r in ranks for e in r["events"])
+        assert items == sorted((s, k) for s in range(2) for k in range(4 * min(m, batch)))
+
+
+@pytest.mark.parametrize("p, m, steps", [(2, 2, 1), (4, 4, 8), (4, 8, 8), (4, 2, 8), (2, 1, 5)])
+def test_in_flight_bubble_formula(p, m, steps):
+    """One step is GPipe's fill-drain; with m >= p the bubble is only the first fill, spread
+    over every step; with m < p each step waits for its round trip through the p stages."""
+    got = bubble_formula_in_flight(p, m, steps)
+    if steps == 1:
+        assert got == pytest.approx(bubble_formula(p, m))
+    if m >= p:
+        assert got == pytest.approx((p - 1) / (steps * m + p - 1))
+        assert got <= bubble_formula(p, m) + 1e-12
+    else:
+        assert got == pytest.approx(1 - steps * m / (steps * p + m - 1))
+        assert got > 1 - m / p - 1e-9  # at least the round trip's share
+
+
+@pytest.mark.parametrize("p, m, steps", [(2, 2, 3), (4, 4, 2), (4, 8, 2), (4, 2, 3), (3, 1, 4)])
+def test_equal_stages_replay_to_the_in_flight_formula(p, m, steps):
+    """Equal stages of one second and free hand-overs, scheduled as decode_in_flight runs them
+    (item k = t m + j enters stage 0 once the last stage finished k - m): the measured bubble, the
+    replayed timetable and the formula agree."""
+    finish: dict = {}
+    events = []
+    for k in range(steps * m):
+        for s in range(p):
+            start = max(finish.get((s, k - 1), 0.0), finish.get((s - 1, k), 0.0),
+                        finish.get((p - 1, k - m), 0.0) if s == 0 else 0.0)
+            finish[(s, k)] = start + 1.0
+            events.append(StageEvent(s, 0, k, start, start + 1.0))
+    want = bubble_formula_in_flight(p, m, steps)
+    assert measured_bubble(events, p) == pytest.approx(want)
+    assert schedule_bubble_in_flight(events, p, m) == pytest.approx(want)
