@@ -14,8 +14,9 @@
 #                         at TP > 1 with the one-shot all-reduce through symmetric memory, its latency replayed
 #                         from a CUDA graph next to NCCL's (GPU only; optional)
 #   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
-#   bench_pp_graphs.json  bench pp --cuda-graphs: the same, and every stage's micro-batches replayed from CUDA
-#                         graphs with eager hand-overs between them, its bubble measured again (GPU only; optional)
+#   bench_pp_graphs.json  bench pp --cuda-graphs --in-flight: the same, every stage's micro-batches replayed from CUDA
+#                         graphs with eager hand-overs between them, its bubble measured again, and eager decode with
+#                         the micro-batches in flight across steps (GPU only; optional)
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
 #   parallel.log          everything printed
 # Every stage has a timeout (the launcher stops all ranks if one fails or hangs). BENCHES picks the benchmark
@@ -85,7 +86,7 @@ fi
 if has pp-graphs && [ "$DEVICE" = cuda ]; then
     step "bench pp --cuda-graphs"
     timeout $T_PPG $PY -m workbench bench pp --model $MODEL --pp $PP --micro-batches $MB --batch-sizes $PPBS \
-        --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PPG - 10)) --cuda-graphs \
+        --context-len $CTX --steps $STEPS --device $DEVICE --timeout $((T_PPG - 10)) --cuda-graphs --in-flight \
         --json "$OUT/bench_pp_graphs.json" || echo "pipeline cuda-graph run failed (the eager results stand)"
 fi
 
