@@ -16,8 +16,8 @@ from workbench.parallel.pipeline import (StageEvent, bubble_formula, bubble_form
 from workbench.parallel.plan import ParallelConfig
 
 
-def _both_ways(ctx, path: str, batch: int, m: int, steps: int) -> dict:
-    par = ParallelConfig(pp=ctx.world_size, micro_batches=m)
+def _both_ways(ctx, path: str, batch: int, m: int, steps: int, tp: int = 1) -> dict:
+    par = ParallelConfig(tp=tp, pp=ctx.world_size // tp, micro_batches=m)
     bench = DecodeBench(path, (par,), (batch,), context_len=7, steps=steps, warmup=0,
                         dtype="float32")
     worker = RankWorker.load(ctx, path, par, torch.float32)
@@ -42,6 +42,13 @@ def test_in_flight_decode_gives_the_fill_drain_tokens(tmp_path):
             assert r["in_flight"] == r["fill_drain"], (path, m)
         items = sorted((e.stage, e.micro_batch) for r in ranks for e in r["events"])
         assert items == sorted((s, k) for s in range(2) for k in range(4 * min(m, batch)))
+
+
+def test_in_flight_decode_on_tensor_parallel_stages():
+    """TP 2 x PP 2: each TP rank of the last stage sends the tokens back to its counterpart in
+    stage 0; the tokens are those of the fill-drain steps on every rank that holds them."""
+    ranks = launch(_both_ways, 4, str(BUNDLED_DIR), 4, 2, 3, 2, timeout_s=180)
+    assert all(r["in_flight"] == r["fill_drain"] for r in ranks)  # 4 ranks: first and last stages
 
 
 @pytest.mark.parametrize("p, m, steps", [(2, 2, 1), (4, 4, 8), (4, 8, 8), (4, 2, 8), (2, 1, 5)])
