@@ -125,6 +125,9 @@ def test_figures_draw():
     events = [StageEvent(s, 0, j, s + j, s + j + 1.0) for s in range(2) for j in range(3)]
     ax = plot_pipeline_timeline(events, 2, 3, step=0)
     assert "0.25" in ax.get_title()  # (2-1)/(3+2-1)
+    flight = [StageEvent(s, 0, k, s + k, s + k + 1.0) for s in range(2) for k in range(6)]
+    ax = plot_pipeline_timeline(flight, 2, step=0, cycle=3)  # items t m + j: 2 steps of 3
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["1", "2", "3"] * 4)
     plot_bubble([{"p": 2, "m": 1, "measured": 0.5, "schedule": 0.5},
                  {"p": 2, "m": 4, "measured": 0.25, "schedule": 0.22}])
     plot_step_times([{"label": "TP1", "step_ms": 2.0, "floor_ms": 1.0}])

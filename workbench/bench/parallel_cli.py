@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
+        row.pop("in_flight_events", None)
     report = {"benchmark": args.bench_name, "hardware": detect(device).stamp() | {
                   "num_devices_used": world, "backend": "nccl" if device.type == "cuda" else "gloo"},
               "model": args.model, "dtype": dtype, "date": datetime.date.today().isoformat(),

@@ -384,7 +384,8 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
         flight = [e for r in ranks for e in r["in_flight_events"]]
         if flight:
             row |= {"in_flight_bubble_measured": measured_bubble(flight, par.pp),
-                    "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m)}
+                    "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m),
+                    "in_flight_events": flight}
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),

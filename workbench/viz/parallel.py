@@ -117,16 +117,20 @@ def plot_stages(stages: Sequence[range], handoffs: Sequence[dict] = (),
 
 
 def plot_pipeline_timeline(events: Sequence[StageEvent], p: int, m: int | None = None,
-                           step: int | None = None, ax: Axes | None = None) -> Axes:
-    """Stages (rows) against time (ms); one bar per micro-batch, coloured by micro-batch."""
+                           step: int | None = None, ax: Axes | None = None,
+                           cycle: int | None = None) -> Axes:
+    """Stages (rows) against time (ms); one bar per micro-batch, coloured by micro-batch.
+    ``cycle``: item k is micro-batch k mod cycle (:func:`~workbench.parallel.pipeline.decode_in_flight`
+    numbers its items t m + j in one pass)."""
     chosen = [e for e in events if step is None or e.step == step]
     t0 = min(e.start for e in chosen)
     ax = _axes(ax, (10, 0.6 + 0.5 * p))
     for e in chosen:
+        j = e.micro_batch % cycle if cycle else e.micro_batch
         ax.barh(e.stage, (e.end - e.start) * 1e3, left=(e.start - t0) * 1e3, height=0.7,
-                color=_COLOURS[e.micro_batch % len(_COLOURS)], edgecolor="black", linewidth=0.4)
+                color=_COLOURS[j % len(_COLOURS)], edgecolor="black", linewidth=0.4)
         if step is not None:
-            ax.text((e.start + e.end) / 2 * 1e3 - t0 * 1e3, e.stage, str(e.micro_batch + 1),
+            ax.text((e.start + e.end) / 2 * 1e3 - t0 * 1e3, e.stage, str(j + 1),
                     ha="center", va="center", fontsize=8)
     ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
     ax.invert_yaxis()
