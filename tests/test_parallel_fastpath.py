@@ -20,7 +20,8 @@ from workbench.errors import WorkbenchError
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
-from workbench.parallel.measure import DecodeBench, _Decoder, fused_step, pipeline_graph_step
+from workbench.parallel.measure import DecodeBench, _Decoder
+from workbench.parallel.replay import fused_step, pipeline_graph_step
 from workbench.parallel.plan import ParallelConfig
 
 

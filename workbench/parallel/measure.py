@@ -14,7 +14,7 @@ With ``cuda_graphs`` (GPU) the decode step is also captured in a CUDA graph and 
 a fixed position (each replay rewrites the same KV slot: the same work as a real step), its
 logits checked against the eager step; the graph is released before teardown. On a pipeline
 (PP > 1) every stage captures one graph per micro-batch and the hand-overs stay eager between
-replays (:func:`pipeline_graph_step`), and the bubble is measured again. With ``fast`` (GPU,
+replays (:func:`~workbench.parallel.replay.pipeline_graph_step`), and the bubble is measured again. With ``fast`` (GPU,
 PP 1) the engine's GPU fast path is captured too (:class:`~workbench.engine.fastpath.FusedDecoder`:
 fused weights, compiled glue, Triton paged attention, the TP all-reduces between), over a paged copy
 of the same KV cache; with ``symm_mem`` (GPU, TP > 1) once more with the one-shot all-reduce through
@@ -37,11 +37,11 @@ from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import DistContext
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, bubble_formula_in_flight,
                                          decode_in_flight, measured_bubble, pipeline_forward,
-                                         run_stage, schedule_bubble, schedule_bubble_in_flight,
-                                         stage_programs)
+                                         schedule_bubble, schedule_bubble_in_flight)
 from workbench.parallel.plan import ParallelConfig
+from workbench.parallel.replay import fused_step, graph_step, pipeline_graph_step, sync
 
-__all__ = ["DecodeBench", "decode_worker", "fused_step", "pipeline_graph_step"]
+__all__ = ["DecodeBench", "decode_worker", "time_grids"]
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,6 @@ class DecodeBench:
     symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
     fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
     in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 class _Decoder:
@@ -107,12 +102,12 @@ class _Decoder:
         """Seconds per decode step, after warm-up, all ranks starting together."""
         for i in range(self.bench.warmup):
             self.step(i)
-        _sync(self.dev)
+        sync(self.dev)
         dist.barrier(group=self.w.mesh.cpu_group)
         t0 = time.perf_counter()
         for i in range(self.bench.steps):
             self.step(self.bench.warmup + i, events)
-        _sync(self.dev)
+        sync(self.dev)
         return (time.perf_counter() - t0) / self.bench.steps
 
 
@@ -126,33 +121,6 @@ def _allreduce_s(worker: RankWorker, rows: int, kind: str = "dist", graph: bool 
     x = torch.zeros(rows, worker.config.hidden_size, device=dev, dtype=worker.dtype)
     reduce = make_reduce(kind, mesh.tp_group, x.numel(), x.dtype, dev)
     return reduce_latency_s(reduce, x, mesh.cpu_group, graph=graph)
-
-
-def _graph_step(dec: _Decoder, step=None, key: str = "graph") -> dict:
-    """Capture one decode step (``step()``, by default the plain forward) in a CUDA graph, check
-    its logits against the eager step, time its replays."""
-    from workbench.engine.cudagraph import capture_graph
-
-    fixed = dec.batch(dec.pos)
-    step = step or (lambda: dec.forward(fixed))
-    eager = dec.forward(fixed).float()
-    graph, out = capture_graph(step, warmup=3)
-    try:
-        graph.replay()
-        _sync(dec.dev)
-        diff = float((out.float() - eager).abs().max())
-        agree = float((out.argmax(-1) == eager.argmax(-1)).float().mean())  # greedy tokens
-        dist.barrier(group=dec.w.mesh.cpu_group)
-        t0 = time.perf_counter()
-        for _ in range(dec.bench.steps):
-            graph.replay()
-        _sync(dec.dev)
-        seconds = (time.perf_counter() - t0) / dec.bench.steps
-    finally:
-        graph.reset()  # release the captured collectives before any teardown
-        _sync(dec.dev)
-    return {f"{key}_step_ms": seconds * 1e3, f"{key}_max_abs_logit_diff": diff,
-            f"{key}_token_agreement": agree}
 
 
 def _in_flight(worker: RankWorker, B: int, bench: DecodeBench) -> dict:
@@ -169,105 +137,17 @@ def _in_flight(worker: RankWorker, B: int, bench: DecodeBench) -> dict:
         if bench.warmup:
             out = decode_in_flight(*args, tokens, dec.kv, dec.pos, bench.warmup, *rest)
             tokens = out[:, -1] if out is not None else tokens
-        _sync(dec.dev)
+        sync(dec.dev)
         dist.barrier(group=mesh.cpu_group)
         t0 = time.perf_counter()
         decode_in_flight(*args, tokens, dec.kv, dec.pos + bench.warmup, bench.steps, *rest, events)
-        _sync(dec.dev)
+        sync(dec.dev)
         return (time.perf_counter() - t0) / bench.steps
 
     seconds, events = run(), []
     if bench.timeline:
         run(events)
     return {"in_flight_s": seconds, "in_flight_events": events if mesh.tp_rank == 0 else []}
-
-
-def pipeline_graph_step(dec: _Decoder, capture: bool = True) -> dict:
-    """PP: every stage's micro-batches of one decode step captured in CUDA graphs, one per
-    micro-batch (embedding, layers, and on the last stage the norm and LM head), the hand-overs
-    eager between replays: ``recv`` into the graph's input buffer, replay, ``isend`` its output.
-
-    An eager micro-batch of a stage launches ~15 kernels per layer from Python; a replay launches
-    one graph, so what is left of the bubble's excess over (p-1)/(m+p-1) is unequal stages and
-    the hand-overs themselves. Checked, timed and its bubble measured like the eager step
-    (:meth:`_Decoder.timed`): every step ends with the last stage's greedy tokens broadcast to
-    the others, which the first stage's graphs embed next (each replay rewrites the same KV
-    position). The graphs are released before returning. ``capture=False`` runs the same
-    programs eagerly (the CPU tests' path through everything but the capture)."""
-    from workbench.engine.cudagraph import capture_graph
-
-    w, mesh, bench = dec.w, dec.w.mesh, dec.bench
-    fixed = dec.batch(dec.pos)  # reads dec.tokens, which the steps below update in place
-    eager = dec.forward(fixed)  # [B, vocab] on the last stage, else None
-    programs = stage_programs(w.model, mesh, fixed, dec.kv, w.par.micro_batches,
-                              w.config.hidden_size, dec.dev, w.dtype, last_only=True)
-    graphs = []
-    try:
-        if capture:
-            for prog in programs:
-                if prog.inbox is not None:
-                    prog.inbox.zero_()  # the warm-up runs read it before any hand-over
-                graph, out = capture_graph(prog.run, warmup=3)
-                graphs.append(graph)
-                prog.run = lambda graph=graph, out=out: (graph.replay(), out)[1]
-
-        def step(i: int, events: list | None = None) -> torch.Tensor | None:
-            logits = run_stage(mesh, programs, dec.dev, i, "decode", events)
-            if mesh.last:
-                dec.tokens.copy_(logits.argmax(-1))  # [B]
-            dist.broadcast(dec.tokens, src=mesh.rank_of(mesh.pp - 1, 0), group=mesh.group)
-            return logits
-
-        first = step(0)
-        out: dict = {}
-        if mesh.last:
-            out["graph_max_abs_logit_diff"] = float((first.float() - eager.float()).abs().max())
-            out["graph_token_agreement"] = float((first.argmax(-1) == eager.argmax(-1)).float().mean())
-        for i in range(bench.warmup):
-            step(1 + i)
-        _sync(dec.dev)
-        dist.barrier(group=mesh.cpu_group)
-        t0 = time.perf_counter()
-        for i in range(bench.steps):
-            step(1 + bench.warmup + i)
-        _sync(dec.dev)
-        out["graph_step_ms"] = (time.perf_counter() - t0) / bench.steps * 1e3
-        events: list[StageEvent] = []
-        if bench.timeline:
-            for i in range(bench.steps):
-                step(i, events)
-        out["graph_events"] = events if mesh.tp_rank == 0 else []
-        return out
-    finally:
-        for graph in graphs:
-            graph.reset()  # release the graphs before any teardown
-        _sync(dec.dev)
-
-
-def fused_step(dec: _Decoder, compile: bool = True, attention: str = "auto",
-               allreduce: str = "dist"):
-    """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
-    ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
-    the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`):
-    a function of no arguments returning the logits ``[B, vocab]``."""
-    from workbench.engine.fastpath import FusedDecoder
-    from workbench.kv.paged import PagedKVCache
-
-    w, B, pos, bs = dec.w, dec.B, dec.pos, 16
-    per_row = -(-(pos + 1) // bs)  # blocks a row needs for its context and this step's token
-    kv = PagedKVCache(w.local, B * per_row, bs, dec.dev, w.dtype)
-    for i in w.mesh.layers:  # [B, Hkv, pos, d] -> row b's blocks b * per_row ...
-        for pool, dense in ((kv.k[i], dec.kv.k[i]), (kv.v[i], dec.kv.v[i])):
-            pool.view(B, per_row * bs, *pool.shape[2:])[:, :pos] = dense[:, :, :pos].transpose(1, 2)
-    tables = torch.arange(B * per_row, device=dec.dev).view(B, per_row)  # [B, per_row]
-    slots = tables[:, pos // bs] * bs + pos % bs  # [B]
-    positions = torch.full((B,), pos, device=dec.dev)
-    lens = torch.full((B,), pos + 1, device=dec.dev)
-    group = w.mesh.tp_group
-    reduce = None if group is None else make_reduce(allreduce, group, B * w.config.hidden_size,
-                                                    w.dtype, dec.dev)
-    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce)
-    return lambda: fused(dec.tokens, positions, slots, tables, lens)
 
 
 def _bytes_read(worker: RankWorker) -> int:
@@ -303,15 +183,15 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 cuda = ctx.device.type == "cuda"
                 extra = _in_flight(worker, B, bench) if bench.in_flight and par.pp > 1 else {}
                 if bench.cuda_graphs and cuda:
-                    extra |= _graph_step(dec) if par.pp == 1 else pipeline_graph_step(dec)
+                    extra |= graph_step(dec) if par.pp == 1 else pipeline_graph_step(dec)
                 if bench.fast and cuda and par.pp == 1:
-                    extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention),
+                    extra |= graph_step(dec, fused_step(dec, attention=bench.fast_attention),
                                          "fast")
                 replayed = bench.cuda_graphs or bench.fast or bench.symm_mem
                 if replayed and cuda and par.pp == 1 and par.tp > 1:  # the floor of a replay
                     extra["ar_graph_s"] = _allreduce_s(worker, mb_rows, "dist", graph=True)
                 if bench.symm_mem and cuda and par.pp == 1 and par.tp > 1:
-                    extra |= _graph_step(dec, fused_step(dec, attention=bench.fast_attention,
+                    extra |= graph_step(dec, fused_step(dec, attention=bench.fast_attention,
                                                          allreduce="symm"), "fast_symm")
                     extra["ar_symm_graph_s"] = _allreduce_s(worker, mb_rows, "symm", graph=True)
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)

@@ -161,7 +161,7 @@ class StageProgram:
     returns the hidden states to send on, or the logits on the last stage. ``inbox`` is the
     buffer the previous stage's hidden states are received into (None on the first stage, which
     embeds the tokens). ``run`` may be replaced by a CUDA graph's replay that reads ``inbox`` and
-    rewrites the tensor it returns (:func:`workbench.parallel.measure.pipeline_graph_step`)."""
+    rewrites the tensor it returns (:func:`workbench.parallel.replay.pipeline_graph_step`)."""
 
     micro_batch: int
     rows: slice

@@ -1,0 +1,148 @@
+"""Decode steps of a TP x PP grid replayed from CUDA graphs, for ``bench tp`` / ``bench pp``.
+
+:mod:`workbench.parallel.measure` times the eager step of each grid; these capture the same step
+(or the engine's fast path) in CUDA graphs on every rank and replay it at a fixed position (each
+replay rewrites the same KV slot: the same work as a real step), check its logits against the
+eager step and time the replays. Every graph is released before returning, so that no captured
+collective outlives it into teardown (a live graph hung ``destroy_process_group`` on 2 H200s,
+2026-11-27).
+
+* :func:`graph_step`: one whole step (PP 1), by default the model's plain forward;
+* :func:`fused_step`: the engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`)
+  over a paged copy of the cache, with the TP group's all-reduces (NCCL or the one-shot);
+* :func:`pipeline_graph_step`: a pipeline stage, one graph per micro-batch, eager hand-overs between.
+
+``dec`` is :class:`workbench.parallel.measure._Decoder` (one rank's decode loop and its cache).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from workbench.parallel.allreduce import make_reduce
+from workbench.parallel.pipeline import StageEvent, run_stage, stage_programs
+
+__all__ = ["fused_step", "graph_step", "pipeline_graph_step", "sync"]
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def graph_step(dec, step=None, key: str = "graph") -> dict:
+    """Capture one decode step (``step()``, by default the plain forward) in a CUDA graph, check
+    its logits against the eager step, time its replays."""
+    from workbench.engine.cudagraph import capture_graph
+
+    fixed = dec.batch(dec.pos)
+    step = step or (lambda: dec.forward(fixed))
+    eager = dec.forward(fixed).float()
+    graph, out = capture_graph(step, warmup=3)
+    try:
+        graph.replay()
+        sync(dec.dev)
+        diff = float((out.float() - eager).abs().max())
+        agree = float((out.argmax(-1) == eager.argmax(-1)).float().mean())  # greedy tokens
+        dist.barrier(group=dec.w.mesh.cpu_group)
+        t0 = time.perf_counter()
+        for _ in range(dec.bench.steps):
+            graph.replay()
+        sync(dec.dev)
+        seconds = (time.perf_counter() - t0) / dec.bench.steps
+    finally:
+        graph.reset()  # release the captured collectives before any teardown
+        sync(dec.dev)
+    return {f"{key}_step_ms": seconds * 1e3, f"{key}_max_abs_logit_diff": diff,
+            f"{key}_token_agreement": agree}
+
+
+def pipeline_graph_step(dec, capture: bool = True) -> dict:
+    """PP: every stage's micro-batches of one decode step captured in CUDA graphs, one per
+    micro-batch (embedding, layers, and on the last stage the norm and LM head), the hand-overs
+    eager between replays: ``recv`` into the graph's input buffer, replay, ``isend`` its output.
+
+    An eager micro-batch of a stage launches ~15 kernels per layer from Python; a replay launches
+    one graph, so what is left of the bubble's excess over (p-1)/(m+p-1) is unequal stages and
+    the hand-overs themselves. Checked, timed and its bubble measured like the eager step
+    (``_Decoder.timed``): every step ends with the last stage's greedy tokens broadcast to
+    the others, which the first stage's graphs embed next (each replay rewrites the same KV
+    position). The graphs are released before returning. ``capture=False`` runs the same
+    programs eagerly (the CPU tests' path through everything but the capture)."""
+    from workbench.engine.cudagraph import capture_graph
+
+    w, mesh, bench = dec.w, dec.w.mesh, dec.bench
+    fixed = dec.batch(dec.pos)  # reads dec.tokens, which the steps below update in place
+    eager = dec.forward(fixed)  # [B, vocab] on the last stage, else None
+    programs = stage_programs(w.model, mesh, fixed, dec.kv, w.par.micro_batches,
+                              w.config.hidden_size, dec.dev, w.dtype, last_only=True)
+    graphs = []
+    try:
+        if capture:
+            for prog in programs:
+                if prog.inbox is not None:
+                    prog.inbox.zero_()  # the warm-up runs read it before any hand-over
+                graph, out = capture_graph(prog.run, warmup=3)
+                graphs.append(graph)
+                prog.run = lambda graph=graph, out=out: (graph.replay(), out)[1]
+
+        def step(i: int, events: list | None = None) -> torch.Tensor | None:
+            logits = run_stage(mesh, programs, dec.dev, i, "decode", events)
+            if mesh.last:
+                dec.tokens.copy_(logits.argmax(-1))  # [B]
+            dist.broadcast(dec.tokens, src=mesh.rank_of(mesh.pp - 1, 0), group=mesh.group)
+            return logits
+
+        first = step(0)
+        out: dict = {}
+        if mesh.last:
+            out["graph_max_abs_logit_diff"] = float((first.float() - eager.float()).abs().max())
+            out["graph_token_agreement"] = float((first.argmax(-1) == eager.argmax(-1)).float().mean())
+        for i in range(bench.warmup):
+            step(1 + i)
+        sync(dec.dev)
+        dist.barrier(group=mesh.cpu_group)
+        t0 = time.perf_counter()
+        for i in range(bench.steps):
+            step(1 + bench.warmup + i)
+        sync(dec.dev)
+        out["graph_step_ms"] = (time.perf_counter() - t0) / bench.steps * 1e3
+        events: list[StageEvent] = []
+        if bench.timeline:
+            for i in range(bench.steps):
+                step(i, events)
+        out["graph_events"] = events if mesh.tp_rank == 0 else []
+        return out
+    finally:
+        for graph in graphs:
+            graph.reset()  # release the graphs before any teardown
+        sync(dec.dev)
+
+
+def fused_step(dec, compile: bool = True, attention: str = "auto",
+               allreduce: str = "dist"):
+    """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
+    ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
+    the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`):
+    a function of no arguments returning the logits ``[B, vocab]``."""
+    from workbench.engine.fastpath import FusedDecoder
+    from workbench.kv.paged import PagedKVCache
+
+    w, B, pos, bs = dec.w, dec.B, dec.pos, 16
+    per_row = -(-(pos + 1) // bs)  # blocks a row needs for its context and this step's token
+    kv = PagedKVCache(w.local, B * per_row, bs, dec.dev, w.dtype)
+    for i in w.mesh.layers:  # [B, Hkv, pos, d] -> row b's blocks b * per_row ...
+        for pool, dense in ((kv.k[i], dec.kv.k[i]), (kv.v[i], dec.kv.v[i])):
+            pool.view(B, per_row * bs, *pool.shape[2:])[:, :pos] = dense[:, :, :pos].transpose(1, 2)
+    tables = torch.arange(B * per_row, device=dec.dev).view(B, per_row)  # [B, per_row]
+    slots = tables[:, pos // bs] * bs + pos % bs  # [B]
+    positions = torch.full((B,), pos, device=dec.dev)
+    lens = torch.full((B,), pos + 1, device=dec.dev)
+    group = w.mesh.tp_group
+    reduce = None if group is None else make_reduce(allreduce, group, B * w.config.hidden_size,
+                                                    w.dtype, dec.dev)
+    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce)
+    return lambda: fused(dec.tokens, positions, slots, tables, lens)
