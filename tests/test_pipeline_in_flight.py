@@ -11,8 +11,9 @@ from tests.helpers import BUNDLED_DIR, tiny_config, write_tiny_checkpoint
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
 from workbench.parallel.measure import DecodeBench, _Decoder
-from workbench.parallel.pipeline import (StageEvent, bubble_formula, bubble_formula_in_flight,
-                                         decode_in_flight, measured_bubble, schedule_bubble_in_flight)
+from workbench.parallel.in_flight import (bubble_formula_in_flight, decode_in_flight,
+                                          schedule_bubble_in_flight)
+from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble
 from workbench.parallel.plan import ParallelConfig
 
 

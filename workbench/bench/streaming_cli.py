@@ -149,7 +149,7 @@ def row_positions(score) -> int:
 
 def _compare(rows: list[dict], scores: dict, context: int) -> dict:
     """Ratios of the StreamingLLM bars, on the positions every compared method evaluated."""
-    from workbench.streaming.score import window_over_sinks
+    from workbench.streaming.score import VISIBLY_WORSE, window_over_sinks
 
     by = {row["method"]: row for row in rows}
     out: dict = {}
@@ -173,7 +173,7 @@ def _compare(rows: list[dict], scores: dict, context: int) -> dict:
         window = by["sinks"]["kv_tokens"]
         out["ppl_window_over_sinks_after_first_window"] = window_over_sinks(
             scores["window"], scores["sinks"], window)
-        out["window_degrades_visibly"] = bool(out["ppl_window_over_sinks_after_first_window"] > 1.1)
+        out["window_degrades_visibly"] = bool(out["ppl_window_over_sinks_after_first_window"] > VISIBLY_WORSE)
     if "speedup_sinks_vs_recompute" in out:
         out["bar_sinks_10x_faster_than_recompute"] = bool(out["speedup_sinks_vs_recompute"] >= 10)
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v

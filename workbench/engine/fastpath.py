@@ -101,6 +101,8 @@ class FusedDecoder:
         from workbench.kv import paged_triton
 
         self.model, self.kv, self.config, self.reduce = model, kv, model.config, reduce
+        c = model.config
+        self.shape = (c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         if attention == "auto":
             attention = "triton" if paged_triton.available(model.device) else "gather"
         if attention not in ATTENTIONS:
@@ -149,8 +151,7 @@ class FusedDecoder:
 
     def _attention(self, i, w, x, residual, cos, sin, slots, tables, context_lens, mask):
         """Layer i's attention of this step: the output [b, H, d] and the residual stream."""
-        c = self.config
-        eps, H, Hkv, d = c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        eps, H, Hkv, d = self.shape
         k_pool, v_pool = self.kv.k[i], self.kv.v[i]
         if self.attention == "triton-rope":  # RoPE, the k/v write and attention: one kernel
             from workbench.kv.paged_triton import rope_paged_decode

@@ -35,11 +35,12 @@ from workbench.model.batch import ForwardBatch
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import DistContext
-from workbench.parallel.pipeline import (StageEvent, bubble_formula, bubble_formula_in_flight,
-                                         decode_in_flight, measured_bubble, pipeline_forward,
-                                         schedule_bubble, schedule_bubble_in_flight)
+from workbench.parallel.in_flight import (bubble_formula_in_flight, decode_in_flight,
+                                          schedule_bubble_in_flight)
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
+                                         schedule_bubble)
 from workbench.parallel.plan import ParallelConfig
-from workbench.parallel.replay import fused_step, graph_step, pipeline_graph_step, sync
+from workbench.parallel.replay import fused_step, graph_step, pipeline_graph_step, sync, timed_steps
 
 __all__ = ["DecodeBench", "decode_worker", "time_grids"]
 
@@ -100,15 +101,8 @@ class _Decoder:
 
     def timed(self, events: list | None = None) -> float:
         """Seconds per decode step, after warm-up, all ranks starting together."""
-        for i in range(self.bench.warmup):
-            self.step(i)
-        sync(self.dev)
-        dist.barrier(group=self.w.mesh.cpu_group)
-        t0 = time.perf_counter()
-        for i in range(self.bench.steps):
-            self.step(self.bench.warmup + i, events)
-        sync(self.dev)
-        return (time.perf_counter() - t0) / self.bench.steps
+        return timed_steps(self.step, self.bench.warmup, self.bench.steps, self.dev,
+                           self.w.mesh.cpu_group, events=events)
 
 
 def _allreduce_s(worker: RankWorker, rows: int, kind: str = "dist", graph: bool = False) -> float:

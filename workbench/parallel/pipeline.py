@@ -35,9 +35,8 @@ from workbench.model.llama import LlamaModel
 from workbench.parallel.plan import Mesh
 from workbench.plug import pluggable
 
-__all__ = ["StageEvent", "StageProgram", "bubble_formula", "bubble_formula_in_flight",
-           "decode_in_flight", "gpipe_timetable", "measured_bubble", "pipeline_forward", "run_stage",
-           "schedule_bubble", "schedule_bubble_in_flight", "split_rows", "stage_programs",
+__all__ = ["StageEvent", "StageProgram", "bubble_formula", "gpipe_timetable", "measured_bubble",
+           "now", "pipeline_forward", "run_stage", "schedule_bubble", "split_rows", "stage_programs",
            "timetable_events"]
 
 
@@ -149,7 +148,8 @@ class RowSliceKV(KVCache):
         return 0
 
 
-def _now(device: torch.device) -> float:
+def now(device: torch.device) -> float:
+    """``time.perf_counter`` once the device's queued work is done (an event's clock)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the work is done when the clock is read
     return time.perf_counter()
@@ -196,7 +196,7 @@ def run_stage(mesh: Mesh, programs: list[StageProgram], device: torch.device, st
     """Run this stage's programs in order: receive each micro-batch's input (blocking ``recv``),
     run it, send the result on with ``isend`` (the stage moves on to its next micro-batch); the
     logits of every row on the last stage, else None."""
-    clock = (lambda: _now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
+    clock = (lambda: now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
     outputs, pending = [], []
     for prog in programs:
         if prog.inbox is not None:
@@ -227,93 +227,3 @@ def pipeline_forward(model: LlamaModel, mesh: Mesh, batch: ForwardBatch, kv: KVC
         kv.advance(batch)
     return logits
 
-
-def bubble_formula_in_flight(p: int, m: int, steps: int) -> float:
-    """The idle share of :func:`decode_in_flight` with equal stages: micro-batch j's step t enters
-    stage 0 once its step t - 1 left the last stage, ``p`` slots after it entered. With m >= p the
-    stages never wait after the first fill, ``(p - 1) / (steps m + p - 1)``; with m < p every step
-    waits for the round trip, ``1 - steps m / (steps p + m - 1)``."""
-    return 1.0 - steps * m / (steps * max(m, p) + min(m, p) - 1)
-
-
-def schedule_bubble_in_flight(events: list[StageEvent], p: int, m: int) -> float:
-    """:func:`schedule_bubble` for :func:`decode_in_flight`'s one pass: its items ``k = t m + j``
-    replayed with their measured compute times and free hand-overs (stage s starts k once it
-    finished k - 1 and stage s - 1 finished k; stage 0 also once the last stage finished k - m,
-    the token it embeds). Between :func:`bubble_formula_in_flight` and this: unequal stages; from
-    this to the measured bubble: the hand-overs."""
-    took = {(e.stage, e.micro_batch): e.end - e.start for e in events}
-    n = 1 + max(k for _, k in took)
-    finish: dict[tuple[int, int], float] = {}
-    for k in range(n):
-        for s in range(p):
-            start = max(finish.get((s, k - 1), 0.0), finish.get((s - 1, k), 0.0))
-            if s == 0:
-                start = max(start, finish.get((p - 1, k - m), 0.0))
-            finish[(s, k)] = start + took.get((s, k), 0.0)
-    span = finish[(p - 1, n - 1)]
-    return 1.0 - sum(took.values()) / (p * span) if span > 0 else 0.0
-
-
-def decode_in_flight(model: LlamaModel, mesh: Mesh, tokens: torch.Tensor, kv: ContiguousKVCache,
-                     start: int, steps: int, micro_batches: int, hidden: int, device: torch.device,
-                     dtype: torch.dtype, events: list[StageEvent] | None = None
-                     ) -> torch.Tensor | None:
-    """Greedy decode of ``steps`` tokens for every row, the pipeline kept full across steps.
-
-    A GPipe step (:func:`pipeline_forward`) fills and drains: no micro-batch of step t + 1 starts
-    before every micro-batch of step t has left the last stage. But micro-batch j's next token
-    depends only on its own previous one, so here it re-enters stage 0 as soon as its token is back
-    from the last stage (a point-to-point send), while the other micro-batches are still in the
-    pipe - the way serving engines keep as many batches in flight as there are stages (vLLM's
-    virtual engines). With m >= p micro-batches the stages stay busy after the first fill
-    (:func:`bubble_formula_in_flight`).
-
-    ``tokens`` [B] is every row's last token at position ``start - 1`` (the prompt is in ``kv``,
-    positions ``0 .. start - 1``); returns the new tokens [B, steps] on the first and the last
-    stage, None on the others. Events record (step 0, micro-batch t m + j): one pass.
-    """
-    B = tokens.shape[0]
-    slices = [rows for rows, _ in split_rows(ForwardBatch.prefill(tokens[:, None]), micro_batches)]
-    m, first_rank, last_rank = len(slices), mesh.rank_of(0, mesh.tp_rank), mesh.rank_of(
-        mesh.pp - 1, mesh.tp_rank)
-    clock = (lambda: _now(device)) if events is not None else (lambda: 0.0)  # noqa: E731
-    current = tokens.clone()  # [B], kept up to date on the first and the last stage
-    out = torch.empty(B, steps, dtype=torch.long, device=device)
-    pending = []
-    for t in range(steps):
-        for j, rows in enumerate(slices):
-            b, pos = rows.stop - rows.start, start + t
-            if mesh.first and t > 0 and not mesh.last:  # micro-batch j's token of step t - 1
-                back = torch.empty(b, dtype=torch.long, device=device)
-                dist.recv(back, src=last_rank)
-                current[rows], out[rows, t - 1] = back, back
-            mb = ForwardBatch(input_ids=current[rows, None], kv_start=pos,  # [b, 1]
-                              positions=torch.full((b, 1), pos, device=device))
-            if mesh.first:
-                t0 = clock()
-                x = model.embed(mb)  # [b, 1, hidden]
-            else:
-                x = torch.empty(b, 1, hidden, device=device, dtype=dtype)
-                dist.recv(x, src=mesh.prev_rank)
-                t0 = clock()
-            x = model.run_layers(x, mb, RowSliceKV(kv, rows), mesh.layers)
-            if mesh.last:
-                new = model.head(x, True).argmax(-1)  # [b]
-                current[rows], out[rows, t] = new, new
-            if events is not None:
-                events.append(StageEvent(mesh.stage, 0, t * m + j, t0, clock()))
-            if mesh.last and not mesh.first:
-                pending.append((dist.isend(new, dst=first_rank), new))
-            elif not mesh.last:
-                x = x.contiguous()
-                pending.append((dist.isend(x, dst=mesh.next_rank), x))
-    if mesh.first and not mesh.last:  # the last step's tokens
-        for rows in slices:
-            back = torch.empty(rows.stop - rows.start, dtype=torch.long, device=device)
-            dist.recv(back, src=last_rank)
-            out[rows, steps - 1] = back
-    for work, _ in pending:
-        work.wait()
-    kv.length = start + steps
-    return out if mesh.first or mesh.last else None

@@ -25,12 +25,28 @@ import torch.distributed as dist
 from workbench.parallel.allreduce import make_reduce
 from workbench.parallel.pipeline import StageEvent, run_stage, stage_programs
 
-__all__ = ["fused_step", "graph_step", "pipeline_graph_step", "sync"]
+__all__ = ["fused_step", "graph_step", "pipeline_graph_step", "sync", "timed_steps"]
 
 
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def timed_steps(step, warmup: int, steps: int, dev: torch.device, cpu_group, first: int = 0,
+                events: list | None = None) -> float:
+    """Seconds per ``step(i, events)`` over ``steps`` calls after ``warmup`` untimed ones (without
+    events), every rank starting together; ``i`` counts from ``first``. Shared by the eager loop
+    (:meth:`workbench.parallel.measure._Decoder.timed`) and the pipeline's graph replays."""
+    for i in range(warmup):
+        step(first + i, None)
+    sync(dev)
+    dist.barrier(group=cpu_group)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(first + warmup + i, events)
+    sync(dev)
+    return (time.perf_counter() - t0) / steps
 
 
 def graph_step(dec, step=None, key: str = "graph") -> dict:
@@ -101,15 +117,8 @@ def pipeline_graph_step(dec, capture: bool = True) -> dict:
         if mesh.last:
             out["graph_max_abs_logit_diff"] = float((first.float() - eager.float()).abs().max())
             out["graph_token_agreement"] = float((first.argmax(-1) == eager.argmax(-1)).float().mean())
-        for i in range(bench.warmup):
-            step(1 + i)
-        sync(dec.dev)
-        dist.barrier(group=mesh.cpu_group)
-        t0 = time.perf_counter()
-        for i in range(bench.steps):
-            step(1 + bench.warmup + i)
-        sync(dec.dev)
-        out["graph_step_ms"] = (time.perf_counter() - t0) / bench.steps * 1e3
+        out["graph_step_ms"] = timed_steps(step, bench.warmup, bench.steps, dec.dev,
+                                           mesh.cpu_group, first=1) * 1e3
         events: list[StageEvent] = []
         if bench.timeline:
             for i in range(bench.steps):

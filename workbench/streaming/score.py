@@ -187,6 +187,9 @@ def score_stream(model: LlamaModel, ids: torch.Tensor, method: str, spec: Stream
     return StreamScore(method, nll.cpu(), time.perf_counter() - t0, forward_tokens, kv_tokens)
 
 
+VISIBLY_WORSE = 1.10  # window without sinks over sinks + window: the bar's "degrades visibly"
+
+
 def window_over_sinks(window_only: StreamScore, with_sinks: StreamScore, window: int) -> float:
     """Perplexity of window attention without sinks over sinks + window on the positions from
     ``window`` on, where the first tokens have been evicted (before, the two caches are equal)."""

@@ -120,7 +120,7 @@ def plot_pipeline_timeline(events: Sequence[StageEvent], p: int, m: int | None =
                            step: int | None = None, ax: Axes | None = None,
                            cycle: int | None = None) -> Axes:
     """Stages (rows) against time (ms); one bar per micro-batch, coloured by micro-batch.
-    ``cycle``: item k is micro-batch k mod cycle (:func:`~workbench.parallel.pipeline.decode_in_flight`
+    ``cycle``: item k is micro-batch k mod cycle (:func:`~workbench.parallel.in_flight.decode_in_flight`
     numbers its items t m + j in one pass)."""
     chosen = [e for e in events if step is None or e.step == step]
     t0 = min(e.start for e in chosen)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from workbench.streaming.score import LABELS, StreamScore
+from workbench.streaming.score import LABELS, VISIBLY_WORSE, StreamScore
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -123,7 +123,7 @@ def plot_time_per_token(ms_per_token: Mapping[str, float], ax: Axes | None = Non
 
 
 def plot_eviction_penalty(penalties: Mapping[str, Mapping[int, float]], ax: Axes | None = None,
-                          visible: float = 1.10) -> Axes:
+                          visible: float = VISIBLY_WORSE) -> Axes:
     """Per model (label -> {window: penalty}, from :func:`~workbench.streaming.score.
     eviction_penalty`): perplexity of window attention without sinks over sinks + window, against the
     window size (log 2 axis); 1 is "the first tokens do not matter", ``visible`` is marked."""
