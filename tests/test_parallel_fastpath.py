@@ -7,7 +7,9 @@ gloo ranks (CPU) without the capture.
 * The all-reduce back ends (``bench tp --symm-mem``): ``dist`` sums on gloo; the one-shot through
   symmetric memory is a clear error off CUDA.
 * A pipeline's per-micro-batch stage programs (``bench pp --cuda-graphs``), run eagerly: the same
-  logits as the plain pipelined step, greedy tokens handed back to the first stage, a timeline."""
+  logits as the plain pipelined step, greedy tokens handed back to the first stage, a timeline.
+* A replayed variant that fails (``optional``): every rank drops it together, the row says why, and
+  ``bench pp`` on the CPU writes its JSON and prints its rows."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from workbench.errors import WorkbenchError
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
-from workbench.parallel.measure import DecodeBench, _Decoder
-from workbench.parallel.replay import fused_step, pipeline_graph_step
+from workbench.parallel.measure import DecodeBench, _Decoder, _row
+from workbench.parallel.replay import fused_step, optional, pipeline_graph_step
 from workbench.parallel.plan import ParallelConfig
 
 
@@ -90,3 +92,74 @@ def test_allreduce_back_ends():
         make_reduce("symm", None, 8, torch.float32, torch.device("cpu"))
     with pytest.raises(WorkbenchError, match="one of dist, symm"):
         make_reduce("ring", None, 8, torch.float32, torch.device("cpu"))
+
+
+def _variants_that_fail(ctx) -> list:
+    """optional() around a variant that works, fails on rank 1 only, fails everywhere; then one
+    more collective, to show that the ranks are still in step."""
+    def fails_on(ranks):
+        def run():
+            if ctx.rank in ranks:
+                raise RuntimeError(f"no kernel image on rank {ctx.rank}")
+            return {"x_ms": 1.5}
+        return run
+
+    out = [optional("x", fails_on(ranks), dist.group.WORLD) for ranks in ((), (1,), (0, 1))]
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    return out + [total.item()]
+
+
+def test_a_failed_replay_variant_is_reported_not_fatal():
+    for ok, one, both, total in launch(_variants_that_fail, 2, timeout_s=60):
+        assert ok == {"x_ms": 1.5}
+        assert one == {"x_error": "rank 1: RuntimeError: no kernel image on rank 1"}  # rank 0 too
+        assert both == {"x_error": "rank 0: RuntimeError: no kernel image on rank 0"}
+        assert total == 2.0
+    par = ParallelConfig(tp=2)
+    ranks = [{"stage": 0, "tp_rank": r, "layers": 2, "weight_bytes": 1e6, "kv_bytes": 0.0,
+              "ar_s": 1e-5, "events": [], "fast_error": "rank 1: RuntimeError: no kernel image"}
+             for r in range(2)]
+    row = _row(par, 4, 2e-3, ranks, 1e9, DecodeBench("bundled", (par,), (4,)))
+    assert row["fast_error"] == "rank 1: RuntimeError: no kernel image"
+    assert "fast_step_ms" not in row and row["step_over_floor"] == pytest.approx(2e-3 / 1.04e-3)
+
+
+def test_bench_pp_on_cpu_writes_its_rows(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "pp.json"
+    assert main(["bench", "pp", "--pp", "1,2", "--micro-batches", "2", "--batch-sizes", "4",
+                 "--context-len", "6", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--in-flight", "--cuda-graphs", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "need a GPU: timing the eager step only" in printed and "in flight" in printed
+    import json
+
+    report = json.loads(out.read_text())
+    rows = {(r["pp"], r["micro_batches"]): r for r in report["results"]}
+    assert set(rows) == {(1, 1), (2, 2)} and report["hardware"]["backend"] == "gloo"
+    two = rows[(2, 2)]
+    assert 0 <= two["bubble_schedule"] <= two["bubble_measured"] < 1  # measured >= timetable
+    assert two["bubble_formula"] == pytest.approx(1 / 3) and two["in_flight_step_ms"] > 0
+    assert not any(k.endswith("_error") or k.startswith("graph_") for k in two)  # no CUDA here
+    assert "max_bubble_abs_error" in report["checks"]
+
+
+def _replayed_on_cpu(ctx) -> dict:
+    from workbench.parallel.measure import _replayed
+
+    par = ParallelConfig(tp=ctx.world_size)
+    bench = DecodeBench(str(BUNDLED_DIR), (par,), (2,), context_len=5, steps=1, warmup=1,
+                        dtype="float32", cuda_graphs=True)
+    worker = RankWorker.load(ctx, str(BUNDLED_DIR), par, torch.float32)
+    with torch.inference_mode():
+        return _replayed(_Decoder(worker, 2, bench), 2)
+
+
+def test_replayed_variants_fail_alone():
+    """The real wiring of ``bench tp --cuda-graphs``: on a CPU the capture fails on both ranks and
+    says so; the all-reduce's latency (eager off CUDA) is still measured."""
+    for out in launch(_replayed_on_cpu, 2, timeout_s=120):
+        assert out["graph_error"].startswith("rank 0: ") and out["ar_graph_s"] > 0, out
+        assert "graph_step_ms" not in out

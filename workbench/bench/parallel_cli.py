@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> dict:
                       f"(timetable {r['graph_bubble_schedule']:.2f})")
         print(f"{r['system']:<22} B={r['batch']:<3} step {r['step_ms']:8.2f} ms  floor "
               f"{r['floor_ms']:7.2f} ms  x{r['step_over_floor']:.2f}{extra}{graph}")
+        for k in sorted(k for k in r if k.endswith("_error")):
+            print(f"    {k[:-len('_error')]} failed (the other results stand): {r[k]}")
     return report
 
 

@@ -52,9 +52,11 @@ def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
                              f"(this rank runs on {device.type})")
     import torch.distributed._symmetric_memory as symm_mem
 
-    buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)  # [max_numel], peer-readable
-    symm_mem.rendezvous(buffer, group.group_name)  # exchange the mappings with every peer
     name = group.group_name
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
+        symm_mem.enable_symm_mem_for_group(name)  # needed before 2.11, deprecated since
+    buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)  # [max_numel], peer-readable
+    symm_mem.rendezvous(buffer, name)  # exchange the mappings with every peer
 
     def reduce(t: torch.Tensor) -> None:
         n = t.numel()

@@ -19,7 +19,8 @@ PP 1) the engine's GPU fast path is captured too (:class:`~workbench.engine.fast
 fused weights, compiled glue, Triton paged attention, the TP all-reduces between), over a paged copy
 of the same KV cache; with ``symm_mem`` (GPU, TP > 1) once more with the one-shot all-reduce through
 symmetric memory (:mod:`workbench.parallel.allreduce`). A replayed step is set against the floor
-above and against a stricter one, the all-reduces at their latency replayed from a CUDA graph.
+above and against a stricter one, the all-reduces at their latency replayed from a CUDA graph. A
+replayed variant that fails leaves ``<variant>_error`` in its row instead of ending the job.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from workbench.parallel.in_flight import (bubble_formula_in_flight, decode_in_fl
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
                                          schedule_bubble)
 from workbench.parallel.plan import ParallelConfig
-from workbench.parallel.replay import fused_step, graph_step, pipeline_graph_step, sync, timed_steps
+from workbench.parallel.replay import (fused_step, graph_step, optional, pipeline_graph_step, sync,
+                                       timed_steps)
 
 __all__ = ["DecodeBench", "decode_worker", "time_grids"]
 
@@ -176,18 +178,8 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 ar_s = _allreduce_s(worker, mb_rows)
                 cuda = ctx.device.type == "cuda"
                 extra = _in_flight(worker, B, bench) if bench.in_flight and par.pp > 1 else {}
-                if bench.cuda_graphs and cuda:
-                    extra |= graph_step(dec) if par.pp == 1 else pipeline_graph_step(dec)
-                if bench.fast and cuda and par.pp == 1:
-                    extra |= graph_step(dec, fused_step(dec, attention=bench.fast_attention),
-                                         "fast")
-                replayed = bench.cuda_graphs or bench.fast or bench.symm_mem
-                if replayed and cuda and par.pp == 1 and par.tp > 1:  # the floor of a replay
-                    extra["ar_graph_s"] = _allreduce_s(worker, mb_rows, "dist", graph=True)
-                if bench.symm_mem and cuda and par.pp == 1 and par.tp > 1:
-                    extra |= graph_step(dec, fused_step(dec, attention=bench.fast_attention,
-                                                         allreduce="symm"), "fast_symm")
-                    extra["ar_symm_graph_s"] = _allreduce_s(worker, mb_rows, "symm", graph=True)
+                if cuda:
+                    extra |= _replayed(dec, mb_rows)
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)
@@ -202,6 +194,30 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows if ctx.rank == 0 else None
+
+
+def _replayed(dec: _Decoder, mb_rows: int) -> dict:
+    """The GPU variants of one grid and batch (:mod:`workbench.parallel.replay`) that ``dec.bench``
+    asks for, each :func:`~workbench.parallel.replay.optional`: one that fails leaves an
+    ``*_error`` in the row and the rest stand."""
+    worker, bench, par = dec.w, dec.bench, dec.w.par
+    group, out = worker.mesh.cpu_group, {}
+    if bench.cuda_graphs:
+        out |= optional("graph", lambda: graph_step(dec) if par.pp == 1
+                        else pipeline_graph_step(dec), group)
+    if par.pp > 1:
+        return out  # the fast path and the all-reduces below are TP's
+    if bench.fast:
+        out |= optional("fast", lambda: graph_step(
+            dec, fused_step(dec, attention=bench.fast_attention), "fast"), group)
+    if par.tp > 1 and (bench.cuda_graphs or bench.fast or bench.symm_mem):  # a replay's floor
+        out |= optional("ar_graph", lambda: {"ar_graph_s": _allreduce_s(
+            worker, mb_rows, "dist", graph=True)}, group)
+    if par.tp > 1 and bench.symm_mem:
+        out |= optional("fast_symm", lambda: graph_step(dec, fused_step(
+            dec, attention=bench.fast_attention, allreduce="symm"), "fast_symm") | {
+            "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", graph=True)}, group)
+    return out
 
 
 def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidth: float,
@@ -260,6 +276,7 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
             row |= {"in_flight_bubble_measured": measured_bubble(flight, par.pp),
                     "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m),
                     "in_flight_events": flight}
+    row |= {k: v for k, v in last.items() if k.endswith("_error")}  # a replayed variant that failed
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),

@@ -10,7 +10,8 @@ collective outlives it into teardown (a live graph hung ``destroy_process_group`
 * :func:`graph_step`: one whole step (PP 1), by default the model's plain forward;
 * :func:`fused_step`: the engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`)
   over a paged copy of the cache, with the TP group's all-reduces (NCCL or the one-shot);
-* :func:`pipeline_graph_step`: a pipeline stage, one graph per micro-batch, eager hand-overs between.
+* :func:`pipeline_graph_step`: a pipeline stage, one graph per micro-batch, eager hand-overs between;
+* :func:`optional`: runs one of these so that its failure is a line in the results, not the job's end.
 
 ``dec`` is :class:`workbench.parallel.measure._Decoder` (one rank's decode loop and its cache).
 """
@@ -18,6 +19,7 @@ collective outlives it into teardown (a live graph hung ``destroy_process_group`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ import torch.distributed as dist
 from workbench.parallel.allreduce import make_reduce
 from workbench.parallel.pipeline import StageEvent, run_stage, stage_programs
 
-__all__ = ["fused_step", "graph_step", "pipeline_graph_step", "sync", "timed_steps"]
+__all__ = ["fused_step", "graph_step", "optional", "pipeline_graph_step", "sync", "timed_steps"]
 
 
 def sync(dev: torch.device) -> None:
@@ -47,6 +49,29 @@ def timed_steps(step, warmup: int, steps: int, dev: torch.device, cpu_group, fir
         step(first + warmup + i, events)
     sync(dev)
     return (time.perf_counter() - t0) / steps
+
+
+def optional(key: str, run: Callable[[], dict], cpu_group) -> dict:
+    """``run()``'s results, or ``{key + "_error": why}`` when it raised on any rank.
+
+    The replayed variants are the code most likely to fail on a GPU where they never ran before (a
+    kernel that does not compile, an API that moved between PyTorch releases); one that fails must
+    not take the eager results and the other variants of the same job down with it. Every rank says
+    whether its run raised (a gloo all-gather), so that all of them drop a half-failed variant together
+    and their collectives stay in step. A rank left waiting inside a variant's collective because a
+    peer failed is not rescued: the launcher's timeout ends that job, as without this.
+    """
+    try:
+        out, why = run(), ""
+    except Exception as e:  # noqa: BLE001 - reported in the row, and the job goes on
+        out, why = {}, f"{type(e).__name__}: {e}".strip()
+    whys = [""] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(whys, why, group=cpu_group)
+    failed = [(rank, w) for rank, w in enumerate(whys) if w]
+    if failed:
+        rank, first = failed[0]
+        return {f"{key}_error": f"rank {rank}: {first}"[:500]}
+    return out
 
 
 def graph_step(dec, step=None, key: str = "graph") -> dict:
