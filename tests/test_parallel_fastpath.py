@@ -151,15 +151,15 @@ def _replayed_on_cpu(ctx) -> dict:
 
     par = ParallelConfig(tp=ctx.world_size)
     bench = DecodeBench(str(BUNDLED_DIR), (par,), (2,), context_len=5, steps=1, warmup=1,
-                        dtype="float32", cuda_graphs=True)
+                        dtype="float32", cuda_graphs=True, fast=True, profile=True)
     worker = RankWorker.load(ctx, str(BUNDLED_DIR), par, torch.float32)
     with torch.inference_mode():
         return _replayed(_Decoder(worker, 2, bench), 2)
 
 
-def test_replayed_variants_fail_alone():
-    """The real wiring of ``bench tp --cuda-graphs``: on a CPU the capture fails on both ranks and
-    says so; the all-reduce's latency (eager off CUDA) is still measured."""
+def test_replayed_variants_on_cpu_profile_the_plain_step():
+    """``bench tp --cuda-graphs --fast --profile`` on 2 gloo ranks: no replay off CUDA, and a
+    profiler table of the plain step, whose two all-reduces a layer are gloo's."""
     for out in launch(_replayed_on_cpu, 2, timeout_s=120):
-        assert out["graph_error"].startswith("rank 0: ") and out["ar_graph_s"] > 0, out
-        assert "graph_step_ms" not in out
+        assert list(out) == ["profile_table"], out.keys()
+        assert "aten::linear" in out["profile_table"] and "all_reduce" in out["profile_table"]

@@ -8,9 +8,10 @@
 #   bench_tp.json         bench tp: Llama-3.1-8B shape, bf16 random weights, TP 1/2/4, batch 1 and 32,
 #                         decode step vs floor (weight bytes per GPU / measured bandwidth + 2 all-reduces
 #                         per layer at their measured latency), communication share
-#   bench_tp_graphs.json  bench tp --cuda-graphs --fast: the plain step and the engine's fast path replayed from
-#                         CUDA graphs (GPU only; optional: a failure here does not fail the job)
-#   bench_tp_symm.json    bench tp --fast --symm-mem (stage tp-symm, not in the default list): the fast path again, and
+#   bench_tp_graphs.json  bench tp --cuda-graphs --fast --profile: the plain step and the engine's fast path replayed
+#                         from CUDA graphs, a profiler table of rank 0's fast step per row (GPU only; optional: a
+#                         failure here does not fail the job, and a variant that fails leaves <variant>_error in its row)
+#   bench_tp_symm.json    bench tp --fast --symm-mem --profile (stage tp-symm, not in the default list): the fast path again, and
 #                         at TP > 1 with the one-shot all-reduce through symmetric memory, its latency replayed
 #                         from a CUDA graph next to NCCL's (GPU only; optional)
 #   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
@@ -69,13 +70,13 @@ fi
 if has tp-graphs && [ "$DEVICE" = cuda ]; then
     step "bench tp --cuda-graphs --fast"
     timeout $T_GRAPHS $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-        --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --fast --json "$OUT/bench_tp_graphs.json" \
+        --steps $STEPS --device $DEVICE --timeout $((T_GRAPHS - 10)) --cuda-graphs --fast --profile --json "$OUT/bench_tp_graphs.json" \
         || echo "cuda-graph run failed (the eager results stand)"
 fi
 if has tp-symm && [ "$DEVICE" = cuda ]; then
     step "bench tp --fast --symm-mem"
     timeout $T_SYMM $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-        --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --json "$OUT/bench_tp_symm.json" \
+        --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --profile --json "$OUT/bench_tp_symm.json" \
         || echo "one-shot all-reduce run failed (the other results stand)"
 fi
 if has pp; then

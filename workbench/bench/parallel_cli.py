@@ -1,11 +1,11 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A]] [--symm-mem]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A]] [--symm-mem] [--profile]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs] [--in-flight]
 
-One job of ``max(tp or pp)`` ranks (gloo on CPU, NCCL on GPUs, spawned by
-:func:`workbench.parallel.launch`) times every grid in turn, so all rows share one process set and
-one measured bandwidth. See :mod:`workbench.parallel.measure` for the floor.
+One job per world size (gloo on CPU, NCCL on GPUs, spawned by :func:`workbench.parallel.launch`:
+:func:`workbench.parallel.measure.time_grids`) times its grids in turn, each with every rank of its
+job. See :mod:`workbench.parallel.measure` for the floor.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
                                 "memory (GPU, TP > 1; workbench.parallel.allreduce)")
+            b.add_argument("--profile", action="store_true",
+                           help="a torch.profiler table of rank 0's fastest step per row (GPU: "
+                                "kernels by device time; CPU: operators), in the JSON as "
+                                "profile_table")
         else:
             b.add_argument("--pp", default="1,2", help="comma-separated PP sizes")
             b.add_argument("--micro-batches", default="1,2,4", help="comma-separated m")
@@ -109,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
                         dtype, cuda_graphs=args.cuda_graphs,
                         fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False),
                         fast_attention=getattr(args, "fast_attention", "auto"),
-                        in_flight=getattr(args, "in_flight", False))
+                        in_flight=getattr(args, "in_flight", False),
+                        profile=getattr(args, "profile", False))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
@@ -141,6 +146,8 @@ def run(args: argparse.Namespace) -> dict:
               f"{r['floor_ms']:7.2f} ms  x{r['step_over_floor']:.2f}{extra}{graph}")
         for k in sorted(k for k in r if k.endswith("_error")):
             print(f"    {k[:-len('_error')]} failed (the other results stand): {r[k]}")
+        if "profile_table" in r:
+            print(r["profile_table"])
     return report
 
 

@@ -41,8 +41,8 @@ from workbench.parallel.in_flight import (bubble_formula_in_flight, decode_in_fl
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
                                          schedule_bubble)
 from workbench.parallel.plan import ParallelConfig
-from workbench.parallel.replay import (fused_step, graph_step, optional, pipeline_graph_step, sync,
-                                       timed_steps)
+from workbench.parallel.replay import (fused_step, graph_step, optional, pipeline_graph_step,
+                                       profile_table, sync, timed_steps)
 
 __all__ = ["DecodeBench", "decode_worker", "time_grids"]
 
@@ -64,6 +64,7 @@ class DecodeBench:
     symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
     fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
     in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
+    profile: bool = False  # TP: a profiler table of rank 0's fastest step (GPU kernels)
 
 
 class _Decoder:
@@ -176,10 +177,8 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                     _Decoder(worker, B, bench).timed(events)
                 mb_rows = -(-B // min(par.micro_batches, B))
                 ar_s = _allreduce_s(worker, mb_rows)
-                cuda = ctx.device.type == "cuda"
                 extra = _in_flight(worker, B, bench) if bench.in_flight and par.pp > 1 else {}
-                if cuda:
-                    extra |= _replayed(dec, mb_rows)
+                extra |= _replayed(dec, mb_rows)
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)
@@ -197,26 +196,37 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
 
 
 def _replayed(dec: _Decoder, mb_rows: int) -> dict:
-    """The GPU variants of one grid and batch (:mod:`workbench.parallel.replay`) that ``dec.bench``
+    """The variants of one grid and batch (:mod:`workbench.parallel.replay`) that ``dec.bench``
     asks for, each :func:`~workbench.parallel.replay.optional`: one that fails leaves an
-    ``*_error`` in the row and the rest stand."""
+    ``*_error`` in the row and the rest stand. The replays need CUDA; with ``profile`` (PP 1, any
+    device) a profiler table of the fastest step built here: the fast path (with the one-shot
+    all-reduce if asked for), else the plain step."""
     worker, bench, par = dec.w, dec.bench, dec.w.par
-    group, out = worker.mesh.cpu_group, {}
-    if bench.cuda_graphs:
+    group, out, cuda = worker.mesh.cpu_group, {}, dec.dev.type == "cuda"
+    if bench.cuda_graphs and cuda:
         out |= optional("graph", lambda: graph_step(dec) if par.pp == 1
                         else pipeline_graph_step(dec), group)
     if par.pp > 1:
-        return out  # the fast path and the all-reduces below are TP's
-    if bench.fast:
-        out |= optional("fast", lambda: graph_step(
-            dec, fused_step(dec, attention=bench.fast_attention), "fast"), group)
-    if par.tp > 1 and (bench.cuda_graphs or bench.fast or bench.symm_mem):  # a replay's floor
-        out |= optional("ar_graph", lambda: {"ar_graph_s": _allreduce_s(
+        return out  # the fast path, the all-reduces and the profile below are TP's
+    fastest = [lambda: dec.forward(dec.batch(dec.pos))]  # the step to profile
+
+    def fast(key: str, allreduce: str) -> dict:
+        step = fused_step(dec, attention=bench.fast_attention, allreduce=allreduce)
+        timed = graph_step(dec, step, key)
+        fastest.append(step)
+        return timed
+
+    if bench.fast and cuda:
+        out |= optional("fast", lambda: fast("fast", "dist"), group)
+    if cuda and par.tp > 1 and (bench.cuda_graphs or bench.fast or bench.symm_mem):  # the floor
+        out |= optional("ar_graph", lambda: {"ar_graph_s": _allreduce_s(  # of a replayed step
             worker, mb_rows, "dist", graph=True)}, group)
-    if par.tp > 1 and bench.symm_mem:
-        out |= optional("fast_symm", lambda: graph_step(dec, fused_step(
-            dec, attention=bench.fast_attention, allreduce="symm"), "fast_symm") | {
+    if cuda and par.tp > 1 and bench.symm_mem:
+        out |= optional("fast_symm", lambda: fast("fast_symm", "symm") | {
             "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", graph=True)}, group)
+    if bench.profile:
+        out |= optional("profile", lambda: {"profile_table": profile_table(fastest[-1], dec.dev)},
+                        group)
     return out
 
 
@@ -277,6 +287,8 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
                     "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m),
                     "in_flight_events": flight}
     row |= {k: v for k, v in last.items() if k.endswith("_error")}  # a replayed variant that failed
+    if "profile_table" in last:
+        row["profile_table"] = last["profile_table"]  # rank 0's (TP rank 0 of the last stage)
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),

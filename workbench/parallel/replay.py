@@ -11,7 +11,8 @@ collective outlives it into teardown (a live graph hung ``destroy_process_group`
 * :func:`fused_step`: the engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`)
   over a paged copy of the cache, with the TP group's all-reduces (NCCL or the one-shot);
 * :func:`pipeline_graph_step`: a pipeline stage, one graph per micro-batch, eager hand-overs between;
-* :func:`optional`: runs one of these so that its failure is a line in the results, not the job's end.
+* :func:`optional`: runs one of these so that its failure is a line in the results, not the job's end;
+* :func:`profile_table`: where one step's device time goes, kernel by kernel (``bench tp --profile``).
 
 ``dec`` is :class:`workbench.parallel.measure._Decoder` (one rank's decode loop and its cache).
 """
@@ -27,7 +28,8 @@ import torch.distributed as dist
 from workbench.parallel.allreduce import make_reduce
 from workbench.parallel.pipeline import StageEvent, run_stage, stage_programs
 
-__all__ = ["fused_step", "graph_step", "optional", "pipeline_graph_step", "sync", "timed_steps"]
+__all__ = ["fused_step", "graph_step", "optional", "pipeline_graph_step", "profile_table", "sync",
+           "timed_steps"]
 
 
 def sync(dev: torch.device) -> None:
@@ -72,6 +74,26 @@ def optional(key: str, run: Callable[[], dict], cpu_group) -> dict:
         rank, first = failed[0]
         return {f"{key}_error": f"rank {rank}: {first}"[:500]}
     return out
+
+
+def profile_table(step: Callable[[], object], dev: torch.device, steps: int = 5,
+                  rows: int = 25) -> str:
+    """torch.profiler's table of ``steps`` eager calls of ``step`` after 3 untimed ones: on a GPU
+    the kernels by device time (GEMMs, the compiled glue, attention, the all-reduces: NCCL's
+    kernels or the one-shot's), on a CPU the operators by CPU time. Eager calls launch the same
+    kernels as the step's graph; a rank's all-reduce kernels include its wait for the others."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    for _ in range(3):
+        step()
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync(dev)
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def graph_step(dec, step=None, key: str = "graph") -> dict:
