@@ -1,36 +1,56 @@
 #!/usr/bin/env bash
-# The fused RoPE + KV-write + paged-attention kernel (attention="triton-rope") on one GPU, under 10 minutes (stage
-# limits 150 + 180 + 2 x 120 s):
-#   1. tests/test_paged_gpu.py -k triton: the compiled kernels against the reference (both kernels, fp32 and bf16)
-#   2. tools/profile_decode.py: the Llama-3.1-8B shape's decode step from a CUDA graph at batch 1 and 32, context 128,
-#      attention triton vs triton-rope (GPU time per step vs the floor, a profiler table of the faster one)
-#   3. bench tp --tp 1 --fast with each attention: the same step as issue 5's TP bars time it
+# The fused RoPE + KV-write + paged-attention kernel (attention="triton-rope") on one GPU. Stages (STAGES, in this
+# order; default "tests profile bench", under 10 minutes: limits 150 + 180 + 2 x 120 s):
+#   tests     tests/test_paged_gpu.py -k triton: the compiled kernels against the reference (both kernels, fp32, bf16)
+#   profile   tools/profile_decode.py: the Llama-3.1-8B shape's decode step from a CUDA graph at batch 1 and 32,
+#             context 128, attention triton vs triton-rope (GPU time per step vs the floor, a profiler table of the
+#             faster one)
+#   bench     bench tp --tp 1 --fast with each attention: the same step as issue 5's TP bars time it
+#   autotune  (not in the default list; a second call: STAGES=autotune, limit 420 s) profile_decode again with
+#             triton-rope compiled in Inductor's max-autotune mode (the GEMMs inside the compiled pieces timed as
+#             Triton templates against cuBLAS) beside the default mode
 # Results to $OUT: attention-tests.log, decode-profile-attention.json, bench_tp1_triton.json,
-# bench_tp1_triton-rope.json, attention.log. Run from the repository root: OUT=$OUT bash tools/gpu/attention.sh
+# bench_tp1_triton-rope.json, decode-profile-autotune.json, attention.log.
+# Run from the repository root: OUT=$OUT bash tools/gpu/attention.sh
 set -u
 OUT=${OUT:?set OUT}
+STAGES=${STAGES:-tests profile bench}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/attention.log") 2>&1
+exec > >(tee -a "$OUT/attention.log") 2>&1
 source tools/gpu/setup.sh || true
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 fail=0
 start=$SECONDS
 step() { echo "== $1 ($(( SECONDS - start )) s)"; }
 
-step "tests"
-timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k triton \
-    > "$OUT/attention-tests.log" 2>&1 || fail=1
-tail -3 "$OUT/attention-tests.log"
+if has tests; then
+    step "tests"
+    timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k triton \
+        > "$OUT/attention-tests.log" 2>&1 || fail=1
+    tail -3 "$OUT/attention-tests.log"
+fi
 
-step "profile_decode"
-timeout 180 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
-    --variants fused-compiled-triton,fused-compiled-triton-rope --profile-batches 32 \
-    --json "$OUT/decode-profile-attention.json" || fail=1
+if has profile; then
+    step "profile_decode"
+    timeout 180 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
+        --variants fused-compiled-triton,fused-compiled-triton-rope --profile-batches 32 \
+        --json "$OUT/decode-profile-attention.json" || fail=1
+fi
 
-for attention in triton triton-rope; do
-    step "bench tp --fast --fast-attention $attention"
-    timeout 120 python -m workbench bench tp --model preset:llama-3.1-8b --tp 1 --batch-sizes 1,32 \
-        --context-len 128 --steps 20 --device cuda --fast --fast-attention $attention --timeout 110 \
-        --json "$OUT/bench_tp1_$attention.json" || fail=1
-done
+if has bench; then
+    for attention in triton triton-rope; do
+        step "bench tp --fast --fast-attention $attention"
+        timeout 120 python -m workbench bench tp --model preset:llama-3.1-8b --tp 1 --batch-sizes 1,32 \
+            --context-len 128 --steps 20 --device cuda --fast --fast-attention $attention --timeout 110 \
+            --json "$OUT/bench_tp1_$attention.json" || fail=1
+    done
+fi
+
+if has autotune; then
+    step "profile_decode, max-autotune"
+    timeout 420 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
+        --variants fused-compiled-triton-rope,fused-autotune-triton-rope --profile-batches 32 \
+        --json "$OUT/decode-profile-autotune.json" || fail=1
+fi
 step "done, exit $fail"
 exit $fail

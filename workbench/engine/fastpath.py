@@ -94,9 +94,11 @@ class FusedDecoder:
     "triton-rope" also applies RoPE and writes the new key and value in that kernel
     (:func:`~workbench.kv.paged_triton.rope_paged_decode`: three small kernels a layer fewer),
     "gather" copies the blocks out first (anywhere); "auto" takes "triton" where it is available.
+    ``compile``: True, False (eager glue) or a ``torch.compile`` mode for the glue and the GEMMs
+    inside it.
     """
 
-    def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool = True,
+    def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool | str = True,
                  attention: str = "auto", reduce=None) -> None:
         from workbench.kv import paged_triton
 
@@ -121,7 +123,10 @@ class FusedDecoder:
                 w_gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
                 b_gate_up=cat(m.gate_proj.bias, m.up_proj.bias),
                 w_down=m.down_proj.weight, b_down=m.down_proj.bias))
-        options = dict(dynamic=True, fullgraph=True)
+        # compile: True (Inductor's default mode), False (eager), or a torch.compile mode, e.g.
+        # "max-autotune-no-cudagraphs": Inductor times Triton GEMM templates against cuBLAS
+        mode = compile if isinstance(compile, str) else None
+        options = dict(dynamic=True, fullgraph=True, mode=mode)
         self.attention_in = torch.compile(attention_in, **options) if compile else attention_in
         self.qkv_in = torch.compile(qkv_in, **options) if compile else qkv_in
         self.mlp = torch.compile(mlp, **options) if compile else mlp
