@@ -17,8 +17,8 @@ from workbench.model.loading import load_model
 from workbench.model.presets import preset_config
 from workbench.parallel import ParallelConfig, balanced_stages, shard_config
 from workbench.parallel.illustrate import pipeline_stages, split_matmul, tensor_parallel_layer
-from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, schedule_bubble,
-                                         split_rows)
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, run_bubble,
+                                         schedule_bubble, split_rows)
 
 matplotlib.use("Agg")
 
@@ -88,6 +88,17 @@ def test_ideal_fill_drain_has_the_formula_bubble(p, m):
     events = [StageEvent(s, 0, j, float(s + j), float(s + j + 1)) for s in range(p) for j in range(m)]
     assert measured_bubble(events, p) == pytest.approx(bubble_formula(p, m))
     assert schedule_bubble(events, p) == pytest.approx(bubble_formula(p, m))
+
+
+def test_run_bubble_counts_the_time_between_passes():
+    """Two ideal fill-drain passes (p = 2, m = 2: 3 slots each) with 1 s between them (the tokens'
+    way back): each pass idles 1/3 as the formula says; the run idles 2 of its 7 x 2 stage-seconds
+    more."""
+    events = [StageEvent(s, t, j, 4.0 * t + s + j, 4.0 * t + s + j + 1) for t in range(2)
+              for s in range(2) for j in range(2)]
+    assert measured_bubble(events, 2) == pytest.approx(1 / 3)
+    assert run_bubble(events, 2) == pytest.approx(1 - 8 / (2 * 7))
+    assert run_bubble([], 2) == 0.0
 
 
 def test_schedule_bubble_splits_unequal_stages_from_hand_overs():

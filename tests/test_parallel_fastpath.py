@@ -139,6 +139,8 @@ def test_bench_pp_on_cpu_writes_its_rows(tmp_path, capsys):
     report = json.loads(out.read_text())
     rows = {(r["pp"], r["micro_batches"]): r for r in report["results"]}
     assert set(rows) == {(1, 1), (2, 2)} and report["hardware"]["backend"] == "gloo"
+    assert rows[(1, 1)]["bandwidth_GB_s"] == rows[(2, 2)]["bandwidth_GB_s"]  # 2 jobs, one floor
+    assert rows[(2, 2)]["bubble_run"] >= rows[(2, 2)]["bubble_measured"] - 1e-9  # + between steps
     two = rows[(2, 2)]
     assert 0 <= two["bubble_schedule"] <= two["bubble_measured"] < 1  # measured >= timetable
     assert two["bubble_formula"] == pytest.approx(1 / 3) and two["in_flight_step_ms"] > 0
@@ -161,5 +163,6 @@ def test_replayed_variants_on_cpu_profile_the_plain_step():
     """``bench tp --cuda-graphs --fast --profile`` on 2 gloo ranks: no replay off CUDA, and a
     profiler table of the plain step, whose two all-reduces a layer are gloo's."""
     for out in launch(_replayed_on_cpu, 2, timeout_s=120):
-        assert list(out) == ["profile_table"], out.keys()
+        assert sorted(out) == ["allreduce_calls_per_step", "profile_table"], out.keys()
         assert "aten::linear" in out["profile_table"] and "all_reduce" in out["profile_table"]
+        assert out["allreduce_calls_per_step"] == 2 * 6  # two a layer, counted (6 layers)

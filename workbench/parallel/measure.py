@@ -39,7 +39,7 @@ from workbench.parallel.launch import DistContext
 from workbench.parallel.in_flight import (bubble_formula_in_flight, decode_in_flight,
                                           schedule_bubble_in_flight)
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
-                                         schedule_bubble)
+                                         run_bubble, schedule_bubble)
 from workbench.parallel.plan import ParallelConfig
 from workbench.parallel.replay import (fused_step, graph_step, optional, pipeline_graph_step,
                                        profile_table, sync, timed_steps)
@@ -65,6 +65,7 @@ class DecodeBench:
     fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
     in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
     profile: bool = False  # TP: a profiler table of rank 0's fastest step (GPU kernels)
+    bandwidth: float = 0.0  # bytes/s for the floors; 0: measured on rank 0 (time_grids shares it)
 
 
 class _Decoder:
@@ -161,7 +162,7 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
     """Every grid x batch size in turn; rank 0 returns one row per pair, the others None."""
     from workbench.hardware import measure_bandwidth
 
-    bandwidth = measure_bandwidth(ctx.device) if ctx.rank == 0 else 0.0
+    bandwidth = bench.bandwidth or (measure_bandwidth(ctx.device) if ctx.rank == 0 else 0.0)
     rows = []
     for par in bench.grids:
         worker = RankWorker.load(ctx, bench.model, par, getattr(torch, bench.dtype))
@@ -225,8 +226,7 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
         out |= optional("fast_symm", lambda: fast("fast_symm", "symm") | {
             "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", graph=True)}, group)
     if bench.profile:
-        out |= optional("profile", lambda: {"profile_table": profile_table(fastest[-1], dec.dev)},
-                        group)
+        out |= optional("profile", lambda: profile_table(fastest[-1], dec.dev), group)
     return out
 
 
@@ -255,6 +255,7 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
     events = [e for r in ranks for e in r["events"]]
     if events:
         row |= {"bubble_measured": measured_bubble(events, par.pp),
+                "bubble_run": run_bubble(events, par.pp),  # with the gaps between steps
                 "bubble_schedule": schedule_bubble(events, par.pp),
                 "bubble_formula": bubble_formula(par.pp, m), "events": events}
     last = next(r for r in ranks if r["stage"] == par.pp - 1 and r["tp_rank"] == 0)  # has logits
@@ -287,8 +288,8 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
                     "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m),
                     "in_flight_events": flight}
     row |= {k: v for k, v in last.items() if k.endswith("_error")}  # a replayed variant that failed
-    if "profile_table" in last:
-        row["profile_table"] = last["profile_table"]  # rank 0's (TP rank 0 of the last stage)
+    if "profile_table" in last:  # rank 0's (TP rank 0 of the last stage)
+        row |= {k: last[k] for k in ("profile_table", "allreduce_calls_per_step")}
     graph_events = [e for r in ranks for e in r.get("graph_events", [])]
     if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
         row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),
@@ -301,7 +302,9 @@ def time_grids(bench: DecodeBench, device: str, timeout_s: float, threads: int =
     job; returns the rows in grid order of world size.
 
     On NCCL, a job whose grids left ranks idle (TP 1 and 2 in a 4-rank job) ran past its timeout on
-    4 H200s (2026-11-27), while jobs whose grids all used every rank ran. ``timeout_s`` is shared.
+    4 H200s (2026-11-27), while jobs whose grids all used every rank ran. ``timeout_s`` is shared,
+    and so is the bandwidth the first job measured: every row's floor uses the same one (on a
+    CPU, separate measurements differed up to 3x).
     """
     import dataclasses
 
@@ -315,5 +318,7 @@ def time_grids(bench: DecodeBench, device: str, timeout_s: float, threads: int =
         if left <= 0:
             raise WorkbenchError(f"timeout of {timeout_s:g} s spent before the {size}-rank grids")
         rows += launch(decode_worker, size, part, device=device, timeout_s=left, threads=threads)[0]
+        if rows and not bench.bandwidth:
+            bench = dataclasses.replace(bench, bandwidth=rows[0]["bandwidth_GB_s"] * 1e9)
     return rows
 

@@ -36,8 +36,8 @@ from workbench.parallel.plan import Mesh
 from workbench.plug import pluggable
 
 __all__ = ["StageEvent", "StageProgram", "bubble_formula", "gpipe_timetable", "measured_bubble",
-           "now", "pipeline_forward", "run_stage", "schedule_bubble", "split_rows", "stage_programs",
-           "timetable_events"]
+           "now", "pipeline_forward", "run_bubble", "run_stage", "schedule_bubble", "split_rows",
+           "stage_programs", "timetable_events"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,16 @@ def measured_bubble(events: list[StageEvent], p: int) -> float:
     return 1.0 - busy / (p * span) if span > 0 else 0.0
 
 
+def run_bubble(events: list[StageEvent], p: int) -> float:
+    """Idle share of the p stages from the first start to the last end of all ``events``: unlike
+    :func:`measured_bubble` (each pass on its own, as the formula counts), it also counts the time
+    between passes - in decode, the greedy tokens' way back from the last stage to the first and
+    the next step's set-up - as idle. Comparable with the bubble of micro-batches in flight
+    (:func:`~workbench.parallel.in_flight.decode_in_flight` runs its steps as one pass)."""
+    span = max(e.end for e in events) - min(e.start for e in events) if events else 0.0
+    return 1.0 - sum(e.end - e.start for e in events) / (p * span) if span > 0 else 0.0
+
+
 def schedule_bubble(events: list[StageEvent], p: int) -> float:
     """The bubble of GPipe's fill-drain with the *measured* compute time of every (stage,
     micro-batch) and hand-overs that cost nothing: each pass replayed on the timetable (stage s
@@ -95,7 +105,7 @@ def schedule_bubble(events: list[StageEvent], p: int) -> float:
 
     It splits the gap between the measured bubble and ``(p - 1) / (m + p - 1)`` in two: from the
     formula to this, unequal stages and micro-batches; from this to the measured bubble, what the
-    hand-overs (send/recv, the token return, waits) cost. The measured bubble is never below it.
+    hand-overs (send/recv and the waits they cause) cost. The measured bubble is never below it.
     """
     busy = span = 0.0
     for step in sorted({e.step for e in events}):

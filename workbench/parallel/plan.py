@@ -48,11 +48,15 @@ class ParallelConfig:
 
 def check_tp(config: ModelConfig, tp: int) -> None:
     """Raise WorkbenchError unless heads, KV heads and the MLP width all split ``tp`` ways."""
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    names = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+    for name in names:
         value = getattr(config, name)
         if value % tp:
+            fits = [t for t in range(1, config.num_key_value_heads + 1)
+                    if all(getattr(config, n) % t == 0 for n in names)]
             raise WorkbenchError(f"tensor parallelism {tp} needs {name} ({value}) divisible by "
-                                 f"{tp}; choose tp among the divisors of {value}")
+                                 f"{tp}; this model splits {', '.join(map(str, fits))} ways (the "
+                                 f"sizes that divide its heads, KV heads and MLP width)")
 
 
 def shard_config(config: ModelConfig, tp: int) -> ModelConfig:

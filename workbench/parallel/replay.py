@@ -77,23 +77,30 @@ def optional(key: str, run: Callable[[], dict], cpu_group) -> dict:
 
 
 def profile_table(step: Callable[[], object], dev: torch.device, steps: int = 5,
-                  rows: int = 25) -> str:
-    """torch.profiler's table of ``steps`` eager calls of ``step`` after 3 untimed ones: on a GPU
-    the kernels by device time (GEMMs, the compiled glue, attention, the all-reduces: NCCL's
-    kernels or the one-shot's), on a CPU the operators by CPU time. Eager calls launch the same
-    kernels as the step's graph; a rank's all-reduce kernels include its wait for the others."""
+                  rows: int = 25) -> dict:
+    """torch.profiler over ``steps`` eager calls of ``step`` after 3 untimed ones:
+    ``profile_table``, its table (on a GPU the kernels by device time - GEMMs, the compiled glue,
+    attention, the all-reduces; on a CPU the operators by CPU time), and
+    ``allreduce_calls_per_step``, the all-reduces the step really called (``torch.distributed``'s
+    or the one-shot's). Eager calls launch the same kernels as the step's graph; a rank's
+    all-reduce kernels include its wait for the others."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"
     for _ in range(3):
         step()
     sync(dev)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         sync(dev)
+    ops = prof.key_averages()
+    calls = sum(op.count for op in ops
+                if op.key in ("c10d::allreduce_", "symm_mem::one_shot_all_reduce_out"))
     key = "cuda_time_total" if cuda else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    return {"profile_table": ops.table(sort_by=key, row_limit=rows),
+            "allreduce_calls_per_step": calls / steps}
 
 
 def graph_step(dec, step=None, key: str = "graph") -> dict:
