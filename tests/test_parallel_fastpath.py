@@ -81,7 +81,7 @@ def test_pipeline_stage_programs_give_the_plain_step(tmp_path):
 def _reduce_on_gloo(ctx) -> tuple[list, float]:
     x = torch.full((3, 4), float(ctx.rank + 1))  # [3, 4]
     reduce = make_reduce("dist", dist.group.WORLD, x.numel(), x.dtype, torch.device("cpu"))
-    reduce(x)  # in place
+    assert reduce(x) is x  # summed in place, and returned
     return x.tolist(), reduce_latency_s(reduce, torch.zeros(3, 4), dist.group.WORLD, iters=3)
 
 

@@ -49,8 +49,18 @@ else:
                            case["lens"], splits)
         torch.testing.assert_close(got, case["expected"], rtol=1e-5, atol=1e-5)
 
+    def test_split_counts():
+        """Two programs per SM (264) by default; the fused kernel takes one split (no combine pass)
+        once batch x KV heads reach 128 over at most 8 tiles."""
+        from workbench.kv.paged_triton import num_splits
+
+        assert num_splits(32, 8, 5) == 2 and num_splits(1, 8, 5) == 5 and num_splits(1, 8, 99) == 33
+        assert num_splits(32, 8, 5, direct=True) == 1 and num_splits(32, 4, 5, direct=True) == 1
+        assert num_splits(8, 8, 5, direct=True) == 5  # 64 programs: split
+        assert num_splits(32, 8, 40, direct=True) == 2  # a long context: split
+
     @pytest.mark.parametrize("splits", [None, 1, 3])
-    @pytest.mark.parametrize("B,H,Hkv,D,bs,nb", SHAPES)
+    @pytest.mark.parametrize("B,H,Hkv,D,bs,nb", SHAPES + [(64, 4, 2, 16, 16, 3)])
     def test_rope_paged_decode_equals_rope_write_then_attend(B, H, Hkv, D, bs, nb, splits):
         """The fused kernel (RoPE of q and the new key, their write, attention over the earlier
         tokens plus the new one from registers) = RoPE, ``write_kv``, ``paged_decode``, with the

@@ -15,9 +15,9 @@ This step computes the same function with:
 It reads the same paged pools and block tables as :class:`~workbench.kv.paged.PagedKVCache`, and
 its logits agree with the plain forward to float rounding (tests on GPU compare the tokens).
 
-On a tensor-parallel rank (``reduce``: the TP group's in-place all-reduce) the model is the rank's
-shard: o_proj and down_proj produce partial sums, summed by the two all-reduces of each layer between
-the compiled pieces (biases added once, after the sum); ``bench tp --fast`` times it.
+On a tensor-parallel rank (``reduce``: the TP group's all-reduce, returning the sum) the model is
+the rank's shard: o_proj and down_proj produce partial sums, summed by the two all-reduces of each
+layer between the compiled pieces (biases added once, after the sum); ``bench tp --fast`` times it.
 """
 
 from __future__ import annotations
@@ -127,6 +127,10 @@ class FusedDecoder:
         # "max-autotune-no-cudagraphs": Inductor times Triton GEMM templates against cuBLAS
         mode = compile if isinstance(compile, str) else None
         options = dict(dynamic=True, fullgraph=True, mode=mode)
+        if compile:  # batch 1 and >= 2, with and without a residual yet, per mode and per piece:
+            import torch._dynamo.config as dynamo  # past 8 versions fullgraph is an error, not eager
+
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         self.attention_in = torch.compile(attention_in, **options) if compile else attention_in
         self.qkv_in = torch.compile(qkv_in, **options) if compile else qkv_in
         self.mlp = torch.compile(mlp, **options) if compile else mlp
@@ -178,5 +182,5 @@ class FusedDecoder:
     def _summed(self, partial: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """A row-parallel output: summed over the TP ranks (in place), then its bias, once."""
         if self.reduce is not None:
-            self.reduce(partial)
+            partial = self.reduce(partial)  # in place (NCCL, gloo) or a new tensor (one-shot)
         return partial if bias is None else partial + bias

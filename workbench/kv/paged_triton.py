@@ -149,8 +149,15 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: tor
                             v.stride(0), v.stride(1), D=D)
 
 
-def num_splits(batch: int, kv_heads: int, tiles: int, target_programs: int = 264) -> int:
-    """Splits of each sequence's tiles so that batch x kv_heads x splits fills the GPU."""
+def num_splits(batch: int, kv_heads: int, tiles: int, target_programs: int = 264,
+               direct: bool = False) -> int:
+    """Splits of each sequence's tiles so that batch x kv_heads x splits fills the GPU (264: two
+    programs per SM of an H100/H200). With ``direct`` (:func:`rope_paged_decode`, whose one split
+    writes the output itself), one split as soon as batch x kv_heads give about one program per
+    SM (128) over a short context (<= 8 tiles): the combine pass it saves is a launch of its own,
+    about what a few more programs per SM would gain (to be measured: tools/gpu/attention.sh)."""
+    if direct and batch * kv_heads >= 128 and tiles <= 8:
+        return 1
     return max(1, min(tiles, -(-target_programs // (batch * kv_heads))))
 
 
@@ -192,7 +199,7 @@ def _attend(q, H, s_qh, k_pool, v_pool, tables, lens, splits, fused=None) -> tor
     block, Hkv = k_pool.shape[1], k_pool.shape[2]
     nb = tables.shape[1]
     tile = 64 if D <= 64 else 32  # tokens per iteration (several blocks, one tensor-core tile)
-    splits = splits or num_splits(B, Hkv, -(-nb * block // tile))
+    splits = splits or num_splits(B, Hkv, -(-nb * block // tile), direct=fused is not None)
     per_split = -(-(nb * block) // (splits * tile)) * tile  # tokens per split, whole tiles
     group = H // Hkv
     out = torch.empty(B, H, D, device=q.device, dtype=q.dtype)

@@ -15,6 +15,9 @@ second barrier so that no rank overwrites its buffer while a peer still reads it
 
     rank r:  buffer_r <- partial_r ; barrier ; out = buffer_0 + ... + buffer_(w-1) ; barrier
 
+(one kernel where PyTorch has ``one_shot_all_reduce_copy_out``, which copies the partial sum in
+itself; else a copy, then the kernel)
+
 One kernel, no ring of steps, each rank reading ``world x`` the message: right for small messages,
 wrong for large ones (NCCL's ring moves ``2 (w-1)/w x`` the message per rank). Only peer loads are
 used - NVLink multicast (``multimem``) stays off.
@@ -25,6 +28,7 @@ GPU only (symmetric memory is CUDA's); :func:`make_reduce` raises a clear error 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -39,33 +43,53 @@ ALLREDUCES = ("dist", "symm")
 
 
 def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
-                device: torch.device) -> Callable[[torch.Tensor], None]:
-    """An in-place sum over ``group`` of a contiguous tensor of at most ``max_numel`` values:
-    ``"dist"`` (``torch.distributed.all_reduce``: NCCL on GPUs, gloo on CPUs) or ``"symm"`` (one-shot through a symmetric buffer made
-    here, a collective call: every rank of ``group`` must make it)."""
+                device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The sum over ``group`` of a contiguous tensor of at most ``max_numel`` values, returned
+    (``t`` itself, summed in place, or a new tensor): ``"dist"`` (``torch.distributed.all_reduce``:
+    NCCL on GPUs, gloo on CPUs) or ``"symm"`` (one-shot through a symmetric buffer made here, a
+    collective call: every rank of ``group`` must make it; its sum is checked once here)."""
     if kind not in ALLREDUCES:
         raise WorkbenchError(f"all-reduce must be one of {', '.join(ALLREDUCES)}, not {kind!r}")
     if kind == "dist":
-        return lambda t: dist.all_reduce(t, group=group)
+        def summed(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t, group=group)
+            return t
+        return summed
     if device.type != "cuda":
         raise WorkbenchError("the one-shot all-reduce uses symmetric memory, which needs CUDA GPUs "
                              f"(this rank runs on {device.type})")
     import torch.distributed._symmetric_memory as symm_mem
 
     name = group.group_name
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer loads only
     if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
         symm_mem.enable_symm_mem_for_group(name)  # needed before 2.11, deprecated since
     buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)  # [max_numel], peer-readable
     symm_mem.rendezvous(buffer, name)  # exchange the mappings with every peer
 
-    def reduce(t: torch.Tensor) -> None:
+    ops = torch.ops.symm_mem
+    copy_in = hasattr(ops, "one_shot_all_reduce_copy_out")  # the copy in the same kernel
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
         n = t.numel()
         if n > max_numel:
             raise WorkbenchError(f"all-reduce of {n} values; the symmetric buffer holds {max_numel}")
-        mine = buffer[:n]
-        mine.copy_(t.view(-1))
-        torch.ops.symm_mem.one_shot_all_reduce_out(mine, "sum", name, t.view(-1))
+        mine, flat = buffer[:n], t.view(-1)
+        if copy_in:  # one kernel: copy t into the buffer, barrier, sum every rank's, barrier
+            out = torch.empty_like(flat)  # not t: a block of this rank may still be reading it
+            ops.one_shot_all_reduce_copy_out(mine, flat, "sum", name, out)
+            return out.view_as(t)
+        mine.copy_(flat)
+        ops.one_shot_all_reduce_out(mine, "sum", name, flat)
+        return t
 
+    # Check the sum once, eagerly, before anyone times or captures it: rank r gives r + 1 in
+    # every place, so every place must hold 1 + 2 + ... + world.
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    probe = reduce(torch.full((min(max_numel, 4096),), float(rank + 1), dtype=dtype, device=device))
+    if not bool((probe == world * (world + 1) / 2).all()):
+        raise WorkbenchError(f"the one-shot all-reduce summed wrong on rank {rank}: "
+                             f"{probe[:4].tolist()}..., expected {world * (world + 1) / 2:g}")
     return reduce
 
 

@@ -71,7 +71,7 @@ def decode_in_flight(model: LlamaModel, mesh: Mesh, tokens: torch.Tensor, kv: Co
 
     def token_back(rows: slice, t: int) -> None:  # micro-batch ``rows``'s token of step t
         back = torch.empty(rows.stop - rows.start, dtype=torch.long, device=device)
-        dist.recv(back, src=last_rank)
+        dist.recv(back, src=last_rank, group=mesh.back_group)
         current[rows], out[rows, t] = back, back
 
     for t in range(steps):
@@ -93,8 +93,10 @@ def decode_in_flight(model: LlamaModel, mesh: Mesh, tokens: torch.Tensor, kv: Co
             if events is not None:
                 events.append(StageEvent(mesh.stage, 0, t * len(programs) + prog.micro_batch, t0,
                                          clock()))
-            if not mesh.last or not mesh.first:  # the next stage, or stage 0 (the token)
-                pending.append((dist.isend(y, dst=first_rank if mesh.last else mesh.next_rank), y))
+            if not mesh.last:  # the next stage
+                pending.append((dist.isend(y, dst=mesh.next_rank), y))
+            elif not mesh.first:  # stage 0 (the token), on the tokens' own group
+                pending.append((dist.isend(y, dst=first_rank, group=mesh.back_group), y))
     if back_here:  # the last step's tokens
         for prog in programs:
             token_back(prog.rows, steps - 1)

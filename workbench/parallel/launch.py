@@ -103,6 +103,9 @@ def init_distributed(device: str = "auto", backend: str = "auto",
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     dev, backend = _resolve(device, backend, local_rank)
+    if backend == "nccl":  # NVLink multicast stays off unless the caller turned it on:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NCCL's NVLS collectives
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # symmetric memory's
     timeout = datetime.timedelta(seconds=timeout_s)
     kwargs = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **kwargs)

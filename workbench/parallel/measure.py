@@ -178,8 +178,10 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                     _Decoder(worker, B, bench).timed(events)
                 mb_rows = -(-B // min(par.micro_batches, B))
                 ar_s = _allreduce_s(worker, mb_rows)
-                extra = _in_flight(worker, B, bench) if bench.in_flight and par.pp > 1 else {}
-                extra |= _replayed(dec, mb_rows)
+                extra = _replayed(dec, mb_rows)  # each variant optional: a failure is a row entry
+                if bench.in_flight and par.pp > 1:
+                    extra |= optional("in_flight", lambda w=worker: _in_flight(w, B, bench),
+                                      mesh.cpu_group)
                 kv_read = (mb_rows * (bench.context_len + bench.warmup) * 2 * len(mesh.layers)
                            * worker.local.num_key_value_heads * cfg.head_dim
                            * torch.finfo(worker.dtype).bits // 8)

@@ -159,9 +159,11 @@ class RowSliceKV(KVCache):
 
 
 def now(device: torch.device) -> float:
-    """``time.perf_counter`` once the device's queued work is done (an event's clock)."""
+    """``time.perf_counter`` once the work queued on the device's current stream is done (an
+    event's clock). Only that stream: a send still in flight on a communication stream does not
+    delay the clock, a receive the stream waits on does."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the work is done when the clock is read
+        torch.cuda.current_stream(device).synchronize()  # the work is done when the clock is read
     return time.perf_counter()
 
 

@@ -119,6 +119,10 @@ class Mesh:
     cpu_group: Any  # gloo group of ranks 0 .. tp*pp - 1, for metadata broadcasts
     group: Any  # the same ranks on the job's backend (NCCL on GPUs), for tensors
     stages: tuple[range, ...]  # layers of every stage
+    # PP: the last stage and the first of this TP rank, for the tokens' way back in decode_in_flight
+    # (its own NCCL communicator and stream: on the hidden states' one, at p = 2, the two directions'
+    # sends and receives would queue behind each other in a cycle)
+    back_group: Any = None
 
     @property
     def layers(self) -> range:
@@ -163,7 +167,13 @@ def make_mesh(rank: int, world_size: int, config: ModelConfig, par: ParallelConf
     members = list(range(par.world_size))
     cpu_group = dist.new_group(members, backend="gloo")
     group = cpu_group if backend == "gloo" else dist.new_group(members, backend=backend)
+    back_group = None
+    for t in range(par.tp if par.pp > 1 else 0):
+        ends = [t, (par.pp - 1) * par.tp + t]  # stage 0 and the last stage of TP rank t
+        made = dist.new_group(ends, backend=backend)
+        if rank in ends:
+            back_group = made
     if rank >= par.world_size:
         return None
     return Mesh(par.tp, par.pp, rank, rank % par.tp, rank // par.tp, tp_group, cpu_group, group,
-                stages)
+                stages, back_group)

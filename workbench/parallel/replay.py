@@ -149,15 +149,24 @@ def pipeline_graph_step(dec, capture: bool = True) -> dict:
     eager = dec.forward(fixed)  # [B, vocab] on the last stage, else None
     programs = stage_programs(w.model, mesh, fixed, dec.kv, w.par.micro_batches,
                               w.config.hidden_size, dec.dev, w.dtype, last_only=True)
-    graphs = []
+    graphs, why = [], ""
     try:
-        if capture:
-            for prog in programs:
+        try:
+            for prog in programs if capture else ():
                 if prog.inbox is not None:
                     prog.inbox.zero_()  # the warm-up runs read it before any hand-over
                 graph, out = capture_graph(prog.run, warmup=3)
                 graphs.append(graph)
                 prog.run = lambda graph=graph, out=out: (graph.replay(), out)[1]
+        except Exception as e:  # noqa: BLE001 - every rank hears of it below
+            why = f"{type(e).__name__}: {e}"
+        # The captures are local to each stage: vote before the first hand-over, so that a stage
+        # whose capture failed does not leave the others waiting for its data.
+        whys = [""] * dist.get_world_size(mesh.cpu_group)
+        dist.all_gather_object(whys, why, group=mesh.cpu_group)
+        failed = [(rank, w) for rank, w in enumerate(whys) if w]
+        if failed:
+            raise RuntimeError(f"capture failed on rank {failed[0][0]}: {failed[0][1]}")
 
         def step(i: int, events: list | None = None) -> torch.Tensor | None:
             logits = run_stage(mesh, programs, dec.dev, i, "decode", events)
