@@ -1,7 +1,8 @@
 """The KV cache and the activations on tiers: device, host RAM (pinned) or a memory-mapped file.
 
-:class:`TieredKVCache` keeps each layer's keys/values ``[B, Hkv, max_len, d]`` on the tier the policy
-gives that layer. A layer off the fast tier is attended in one of two ways:
+:class:`TieredKVCache` keeps each layer's keys/values on the tier the policy gives that layer (on the
+device ``[B, Hkv, max_len, d]``; off it position-major, ``[max_len, B, Hkv, d]``: :class:`_HostLayer`).
+A layer off the fast tier is attended in one of two ways:
 
 * bring its keys/values ``[B, Hkv, S, d]`` to the compute device, attend there (bytes ~ S per row);
 * ``cpu_attention``: send the new q/k/v (one token per row) to the CPU, attend *where the cache
