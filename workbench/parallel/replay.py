@@ -96,8 +96,8 @@ def profile_table(step: Callable[[], object], dev: torch.device, steps: int = 5,
             step()
         sync(dev)
     ops = prof.key_averages()
-    calls = sum(op.count for op in ops
-                if op.key in ("c10d::allreduce_", "symm_mem::one_shot_all_reduce_out"))
+    calls = sum(op.count for op in ops if op.key in (
+        "c10d::allreduce_", "symm_mem::one_shot_all_reduce_out", "symm_mem::one_shot_all_reduce_copy_out"))
     key = "cuda_time_total" if cuda else "cpu_time_total"
     return {"profile_table": ops.table(sort_by=key, row_limit=rows),
             "allreduce_calls_per_step": calls / steps}
