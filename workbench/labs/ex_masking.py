@@ -76,8 +76,9 @@ PADDED = register(Exercise(
     hints=(
         "Start from the causal mask of T queries over S = valid.shape[1] keys, then hide every "
         "key column whose `valid` is False. The result is [B, 1, T, S].",
-        "A pad query would then see no key at all, and softmax over nothing gives NaN: let each "
-        "pad query (its own column S - T + t is not valid) see itself.",
+        "A pad query before the row's first real token (left padding) would then see no key at "
+        "all, and softmax over nothing gives NaN: let each pad query (its own column S - T + t is "
+        "not valid) see itself, whatever else it sees.",
         "mask = causal[None] & valid[:, None, :] gives [B, T, S]; then for the pad queries set "
         "mask[b, t, S - T + t] = True, and return mask[:, None].",
     ),
