@@ -148,3 +148,18 @@ def test_non_llama_config(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompts", str(tmp_path / "p.jsonl"),
                  "--output", "-"]) == 2
     assert "unsupported model_type 'gpt2'" in capsys.readouterr().err
+
+
+def test_generate_tp2_subprocess_equals_one_process_and_leaves_cleanly(tmp_path):
+    """The command line a student types: two gloo ranks give one process's tokens, and the
+    interpreter exits without the resource tracker's 'leaked semaphore' warning (tqdm's lock)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}])
+    outs = {}
+    for tp in ("1", "2"):
+        out = tmp_path / f"tp{tp}.jsonl"
+        done = run_cli("generate", "--prompts", str(prompts), "--output", str(out), "--tp", tp,
+                       "--max-new-tokens", "6", "--device", "cpu")
+        assert done.returncode == 0, done.stderr
+        assert "leaked" not in done.stderr, done.stderr
+        outs[tp] = json.loads(out.read_text())["output_ids"]
+    assert outs["1"] == outs["2"] and len(outs["1"]) == 6

@@ -10,9 +10,10 @@ with the bundled tokenizer. ``run`` trains the bundled model's shape with its re
 (``workbench.training``) for ``--steps`` steps, keeping the best checkpoint (early stopping, what
 the bundled model is) and the last one, then measures each: held-out loss, the attention that
 queries put on the first 4 tokens (``workbench.streaming.probe``; uniform attention would give
-about 0.03), and the perplexity of window attention without sinks against sinks + window and
-recomputation on a held-out stream (``workbench.streaming.score``). StreamingLLM's window baseline
-collapses only in models that put a large share of attention on the first tokens. ``extend`` adds
+0.046 for queries 16-255 of a 256-token window, ``probe.uniform_share``), and the perplexity of
+window attention without sinks against sinks + window and recomputation on a held-out stream
+(``workbench.streaming.score``). StreamingLLM's window baseline collapses only in models that put a
+large share of attention on the first tokens. ``extend`` adds
 the Python files under a folder (e.g. the GPU machine's site-packages, tokenized there) to the
 training tokens, to see whether more data grows sinks; the held-out stream stays the stdlib's.
 

@@ -282,7 +282,8 @@ def anyscale(cap: int = 512, context: int | None = None, **overrides: Any) -> Wo
 
 WORKLOADS: MappingProxyType[str, WorkloadSpec] = MappingProxyType({
     "anyscale": anyscale(512),
-    # DESIGN.md's GPU anchor: 256 requests, 128-token prompts, Exp(128) clipped to [8, 512], t=0.
+    # The GPU anchor workload (README, Measured results): 256 requests, 128-token prompts,
+    # Exp(128) clipped to [8, 512], t=0.
     "design-anchor": WorkloadSpec(name="design-anchor", num_requests=256, prompt_len=Fixed(128),
                                   output_len=Exponential(128, cap=512, floor=8)),
     "natural": WorkloadSpec(name="natural", num_requests=64, max_new_tokens=256),

@@ -3,7 +3,8 @@
 Every benchmark module ``workbench.bench.<name>_cli`` defines ``add_parser(bench_subparsers)`` and
 ``run(args) -> dict``. The JSON it writes holds ``benchmark``, ``hardware`` (``device``,
 ``num_devices``...), ``model``, ``dtype``, ``workload`` and ``results`` (one object per system, with
-``output_tok_s`` where throughput applies), as DESIGN.md's contract asks. Results we rely on are
+``output_tok_s`` where throughput applies), as the project's contract asks (docs/ARCHITECTURE.md,
+Contracts). Results we rely on are
 committed under ``bench/results/`` (one file per benchmark, hardware and date).
 """
 

@@ -244,11 +244,12 @@ def _accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device, b
         for attempt in range(3):
             model = hf if attempt == 0 and hf is not None else hf_from_state(config, state, dtype)
             where = folder / f"batch{b}-{attempt}"  # a fresh offload folder for each dispatch
-            model, device_map = dispatch(model, device, max(max_memory, 0), where)
+            given = max(max_memory, 0)  # what Accelerate is told; the estimate can exceed the budget
+            model, device_map = dispatch(model, device, given, where)
             evict = where if "disk" in device_map.values() else None  # cold disk reads, as ours
             probe = run_accelerate(model, probe_prompts, 2, device, evict=evict)  # + warm-up
             info["attempts"].append({
-                "batch": b, "max_memory_bytes": max_memory, "overhead_estimate_bytes": estimate,
+                "batch": b, "max_memory_bytes": given, "overhead_estimate_bytes": estimate,
                 "probe_peak_fast_bytes": probe.peak_fast_bytes,
                 "weights_on_device_bytes": probe.fast_bytes_at_start,
                 "layers": placement_summary(device_map, config.num_hidden_layers)})
@@ -261,7 +262,8 @@ def _accelerate_batch(hf, b, state, folder, info, config, dtype, P, G, device, b
             max_memory -= probe.peak_fast_bytes - budget.fast_bytes + budget.fast_bytes // 50
         row = accelerate_rows(model, [b], P, G, config.vocab_size, device, budget.fast_bytes,
                               weight_bytes, cal, progress=False, evict=evict, warmed=(b,))[0]
-        return {**row, "max_memory_bytes": max_memory, "layers": info["attempts"][-1]["layers"]}
+        return {**row, "max_memory_bytes": info["attempts"][-1]["max_memory_bytes"],
+                "layers": info["attempts"][-1]["layers"]}
     finally:
         if model is not None:
             release(model)

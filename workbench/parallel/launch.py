@@ -152,6 +152,7 @@ def _child(fn: Callable, rank: int, world: int, port: int, device: str, backend:
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if threads:
         torch.set_num_threads(threads)
+    _thread_lock_for_tqdm()
     code = 0
     try:
         ctx = init_distributed(device, backend, timeout_s)
@@ -165,6 +166,16 @@ def _child(fn: Callable, rank: int, world: int, port: int, device: str, backend:
     results.close()
     results.join_thread()  # flush the result to the parent before leaving
     os._exit(code)  # skip interpreter teardown: nothing left to hang on
+
+
+def _thread_lock_for_tqdm() -> None:
+    """Give tqdm a thread lock in a rank: its default is a multiprocessing lock (a named semaphore
+    the parent's resource tracker reports as leaked, since a rank leaves with ``os._exit``)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _stop(procs: list) -> None:

@@ -96,7 +96,8 @@ class Device:
 
 # NVLink and PCIe all-reduce latencies are not datasheet figures. NVLink: this project measured an
 # eager NCCL all-reduce of 8 KB-1 MB at 38-57 us and 19 us inside a CUDA graph on a 4 x H200 host
-# (DESIGN.md); we take the CUDA-graph figure, as the predictor gives floors. PCIe cards: assumed
+# (issue 5, docs/notes/parallel-and-streaming-gpu.md); we take the CUDA-graph figure, as the
+# predictor gives floors. PCIe cards: assumed
 # twice that (40 us: traffic goes through the host's PCIe switch; an assumption, not a measurement).
 _NVLINK_LATENCY = 19e-6
 _PCIE_LATENCY = 40e-6
