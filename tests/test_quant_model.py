@@ -137,7 +137,7 @@ def test_bench_quant_cli_writes_the_json_contract(tmp_path):
     out = tmp_path / "quant.json"
     code = main(["bench", "quant", "--json", str(out), "--weights", "int8-ch-sym",
                  "--embeddings", "", "--kv", "int4-g32-asym", "--windows", "2", "--seq-len", "32",
-                 "--prompt-len", "8", "--decode-steps", "4", "--kv-context", "64"])
+                 "--prompt-len", "8", "--decode-steps", "4", "--kv-context", "64", "--no-progress"])
     assert code in (0, None)
     report = json.loads(out.read_text())
     assert {"benchmark", "hardware", "model", "dtype", "workload", "results"} <= set(report)

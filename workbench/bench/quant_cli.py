@@ -46,6 +46,7 @@ def add_parser(bench_sub) -> None:
     b.add_argument("--windows", type=int, default=32, help="held-out windows for perplexity")
     b.add_argument("--seq-len", type=int, default=256, help="tokens per held-out window")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    b.add_argument("--no-progress", action="store_true")
     b.add_argument("--json", required=True, type=Path, help="where to write the results")
 
 
@@ -117,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
               "baseline_perplexity": None if probe is None else probe.baseline.perplexity,
               "results": []}
     jobs = [("weights", s) for s in settings] + [("kv", None)] + [("kv", q) for q in kv_formats]
-    for kind, item in tqdm(jobs, desc="bench quant", unit="setting"):
+    for kind, item in tqdm(jobs, desc="bench quant", unit="setting",
+                           disable=getattr(args, "no_progress", False)):
         try:
             if kind == "weights":
                 row = measure_weights(item, args.model, probe, device, dtype, bandwidth,
