@@ -46,7 +46,7 @@ def add_parser(bench_sub) -> None:
                                 "torch.compile'd glue, Triton paged attention")
             b.add_argument("--fast-attention", default="auto",
                            choices=("auto", "triton", "triton-rope", "gather"),
-                           help="the fast path's attention (auto: triton on GPUs; triton-rope: "
+                           help="the fast path's attention (auto: triton-rope on GPUs, which does "
                                 "RoPE and the KV write in the attention kernel)")
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
