@@ -20,7 +20,8 @@ itself; else a copy, then the kernel)
 
 One kernel, no ring of steps, each rank reading ``world x`` the message: right for small messages,
 wrong for large ones (NCCL's ring moves ``2 (w-1)/w x`` the message per rank). Only peer loads are
-used - NVLink multicast (``multimem``) stays off.
+used - NVLink multicast (``multimem``) stays off (:func:`workbench.parallel.launch.init_distributed`
+sets ``TORCH_SYMM_MEM_DISABLE_MULTICAST`` in every rank).
 
 GPU only (symmetric memory is CUDA's); :func:`make_reduce` raises a clear error elsewhere. Used by
 ``bench tp --symm-mem`` (:mod:`workbench.parallel.measure`).
@@ -28,7 +29,6 @@ GPU only (symmetric memory is CUDA's); :func:`make_reduce` raises a clear error 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -61,7 +61,6 @@ def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
     import torch.distributed._symmetric_memory as symm_mem
 
     name = group.group_name
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer loads only
     if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
         symm_mem.enable_symm_mem_for_group(name)  # needed before 2.11, deprecated since
     buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)  # [max_numel], peer-readable

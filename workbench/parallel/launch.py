@@ -171,10 +171,8 @@ def _child(fn: Callable, rank: int, world: int, port: int, device: str, backend:
 def _thread_lock_for_tqdm() -> None:
     """Give tqdm a thread lock in a rank: its default is a multiprocessing lock (a named semaphore
     the parent's resource tracker reports as leaked, since a rank leaves with ``os._exit``)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return
+    from tqdm import tqdm
+
     tqdm.set_lock(threading.RLock())
 
 

@@ -67,13 +67,16 @@ def optional(key: str, run: Callable[[], dict], cpu_group) -> dict:
         out, why = run(), ""
     except Exception as e:  # noqa: BLE001 - reported in the row, and the job goes on
         out, why = {}, f"{type(e).__name__}: {e}".strip()
+    failed = _first_failure(why, cpu_group)
+    return {f"{key}_error": failed[:500]} if failed else out
+
+
+def _first_failure(why: str, cpu_group) -> str:
+    """Every rank's ``why`` ("" if it did not fail) gathered on every rank: "rank r: why" of the
+    first that failed, or "" - the same answer everywhere, so all ranks take the same branch."""
     whys = [""] * dist.get_world_size(cpu_group)
     dist.all_gather_object(whys, why, group=cpu_group)
-    failed = [(rank, w) for rank, w in enumerate(whys) if w]
-    if failed:
-        rank, first = failed[0]
-        return {f"{key}_error": f"rank {rank}: {first}"[:500]}
-    return out
+    return next((f"rank {rank}: {w}" for rank, w in enumerate(whys) if w), "")
 
 
 def profile_table(step: Callable[[], object], dev: torch.device, steps: int = 5,
@@ -162,11 +165,9 @@ def pipeline_graph_step(dec, capture: bool = True) -> dict:
             why = f"{type(e).__name__}: {e}"
         # The captures are local to each stage: vote before the first hand-over, so that a stage
         # whose capture failed does not leave the others waiting for its data.
-        whys = [""] * dist.get_world_size(mesh.cpu_group)
-        dist.all_gather_object(whys, why, group=mesh.cpu_group)
-        failed = [(rank, w) for rank, w in enumerate(whys) if w]
+        failed = _first_failure(why, mesh.cpu_group)
         if failed:
-            raise RuntimeError(f"capture failed on rank {failed[0][0]}: {failed[0][1]}")
+            raise RuntimeError(f"capture failed on {failed}")
 
         def step(i: int, events: list | None = None) -> torch.Tensor | None:
             logits = run_stage(mesh, programs, dec.dev, i, "decode", events)
