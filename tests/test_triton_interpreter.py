@@ -109,3 +109,106 @@ else:
         for attention in ("triton", "triton-rope"):
             torch.testing.assert_close(logits[attention], logits["gather"], rtol=1e-4, atol=1e-4)
             assert torch.equal(logits[attention].argmax(-1), logits["gather"].argmax(-1))
+
+    SKINNY = [  # M, N, K, add, norm, bias, swiglu: every fused part alone and together
+        (1, 48, 40, False, False, False, False), (3, 64, 96, True, True, True, False),
+        (17, 40, 300, True, True, False, True), (33, 96, 64, False, False, True, True),
+        (64, 32, 16, True, False, False, False), (2, 130, 70, False, True, False, False)]
+
+    @pytest.mark.parametrize("M,N,K,add,norm,bias,swiglu", SKINNY)
+    def test_skinny_linear_matches_pytorch(M, N, K, add, norm, bias, swiglu):
+        """One kernel = the residual add, RMSNorm, the product, its bias and SwiGLU as the model
+        computes them, at batch 1 to 64 and sizes that fill no tile exactly; the residual it
+        stores is x + add exactly."""
+        from workbench.engine.skinny import reference, skinny_linear
+
+        g = torch.Generator().manual_seed(M * N + K)
+        x = torch.randn(M, K, generator=g)
+        weight = torch.randn(N, K, generator=g) / K ** 0.5
+        kw = dict(add=torch.randn(M, K, generator=g) if add else None,
+                  norm=1 + 0.1 * torch.randn(K, generator=g) if norm else None,
+                  bias=torch.randn(N, generator=g) if bias else None, swiglu=swiglu, eps=1e-5)
+        got, want = skinny_linear(x, weight, **kw), reference(x, weight, **kw)
+        if add:
+            assert torch.equal(got[1], want[1])
+            got, want = got[0], want[0]
+        assert got.shape == (M, N // 2 if swiglu else N)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    def test_skinny_linear_refuses_what_it_cannot_do():
+        from workbench.engine.skinny import skinny_linear
+        from workbench.errors import WorkbenchError
+
+        with pytest.raises(WorkbenchError, match="at most 64 rows"):
+            skinny_linear(torch.zeros(65, 8), torch.zeros(4, 8))
+        with pytest.raises(WorkbenchError, match="shapes do not fit"):
+            skinny_linear(torch.zeros(2, 8), torch.zeros(4, 9))
+        with pytest.raises(WorkbenchError, match="even number of rows"):
+            skinny_linear(torch.zeros(2, 8), torch.zeros(5, 8), swiglu=True)
+
+    @pytest.mark.parametrize("overrides", [
+        dict(head_dim=16),  # GQA, untied head
+        dict(head_dim=16, num_key_value_heads=1, qkv_bias=True, o_bias=True, mlp_bias=True,
+             tie_word_embeddings=True, hidden_size=48, intermediate_size=80)])
+    def test_fast_path_with_triton_linears_matches_cublas_way(overrides):
+        """The decode step as five kernels a layer (skinny products with the residual, norms and
+        SwiGLU inside) gives the logits of the compiled-glue step (F.linear), with biases on
+        every projection and a tied head too, at rows of different lengths."""
+        from tests.helpers import tiny_config
+        from workbench.engine.fastpath import FusedDecoder
+        from workbench.kv.paged import PagedKVCache
+        from workbench.model.llama import LlamaModel
+
+        torch.manual_seed(0)
+        model = LlamaModel(tiny_config(**overrides)).eval()
+        for p in model.parameters():  # biases and norms away from their 0 / 1 start
+            p.data.add_(0.1 * torch.randn_like(p))
+        c, bs = model.config, 4
+        lens = torch.tensor([3, 12, 1])
+        B, nb = len(lens), 3
+        tables = torch.arange(B * nb).view(B, nb)
+        positions = lens - 1
+        slots = tables[torch.arange(B), positions // bs] * bs + positions % bs
+        ids = torch.tensor([1, 20, 33])
+        logits = {}
+        for linear in ("torch", "triton"):
+            kv = PagedKVCache(c, B * nb, bs, torch.device("cpu"), torch.float32)
+            g = torch.Generator().manual_seed(1)
+            for i in range(c.num_hidden_layers):
+                kv.k[i].copy_(torch.randn(kv.k[i].shape, generator=g))
+                kv.v[i].copy_(torch.randn(kv.v[i].shape, generator=g))
+            step = FusedDecoder(model, kv, compile=False, attention="triton-rope", linear=linear)
+            with torch.inference_mode():
+                logits[linear] = step(ids, positions, slots, tables, lens)
+        torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
+
+    def _triton_linears_vs_plain(ctx, path: str, batch: int) -> float:
+        """Max |fast - plain| of this TP rank's logits, the fast step with the Triton products."""
+        from workbench.parallel.engine import RankWorker
+        from workbench.parallel.measure import DecodeBench, _Decoder
+        from workbench.parallel.plan import ParallelConfig
+        from workbench.parallel.replay import fused_step
+
+        par = ParallelConfig(tp=ctx.world_size)
+        bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
+                            dtype="float32")
+        worker = RankWorker.load(ctx, path, par, torch.float32)
+        with torch.inference_mode():
+            dec = _Decoder(worker, batch, bench)
+            fast = fused_step(dec, compile=False, attention="triton-rope", linear="triton")()
+            plain = dec.forward(dec.batch(dec.pos))  # [B, vocab]
+        return float((fast - plain).abs().max())
+
+    def test_triton_linears_on_two_tp_ranks_equal_the_plain_step(tmp_path):
+        """On tensor-parallel ranks each norm kernel adds the *summed* output of the block before
+        (o_proj's and down's partial sums go through the all-reduce first): the logits are the
+        plain TP step's, with biases on every projection and the vocabulary-parallel head."""
+        from tests.helpers import tiny_config, write_tiny_checkpoint
+        from workbench.parallel.launch import launch
+
+        biased = tiny_config(vocab_size=80, hidden_size=64, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, qkv_bias=True, o_bias=True, mlp_bias=True)
+        write_tiny_checkpoint(tmp_path, biased, seed=3)
+        diffs = launch(_triton_linears_vs_plain, 2, str(tmp_path), 3, timeout_s=300)
+        assert max(diffs) < 1e-4, diffs

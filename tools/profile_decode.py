@@ -6,7 +6,9 @@ Variants: the model's plain forward over paged storage (gather + SDPA), the fuse
 (workbench.engine.fastpath) compiled with gather attention, with the Triton paged kernel, with the
 Triton kernel that also applies RoPE and writes the new key and value ("triton-rope"), the Triton
 kernel without torch.compile, and triton-rope compiled in Inductor's max-autotune mode (the GEMMs
-inside the compiled pieces timed as Triton templates against cuBLAS). Each is captured in a CUDA
+inside the compiled pieces timed as Triton templates against cuBLAS), and triton-rope with the products
+as skinny Triton kernels holding the residual add, RMSNorm and SwiGLU ("fused-triton-linears",
+workbench.engine.skinny: five kernels a layer). Each is captured in a CUDA
 graph per shape and replayed; the median replay time is set against the bandwidth floor (weights +
 KV bytes read per step).
 A torch.profiler table of the fastest variant (``--profile-batches``, at the longest context) says
@@ -48,7 +50,7 @@ roof = measure_roofline(device)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 per_token = kv_bytes_per_token(model.config, torch.bfloat16)
 
-# (compile, attention) of each fused variant; "plain" is the model's own forward. Only the variants
+# (compile, attention[, linear]) of each fused variant; "plain" is the model's own forward. Only the variants
 # asked for are built: each holds its own fused copy of the weights (~9 GB for the 8B shape).
 VARIANTS = {
     "plain": None,
@@ -58,12 +60,15 @@ VARIANTS = {
     "fused-eager-triton": (False, "triton"),
     # Inductor times its Triton GEMM templates against cuBLAS (and may fuse the glue into them)
     "fused-autotune-triton-rope": ("max-autotune-no-cudagraphs", "triton-rope"),
+    # the products as skinny Triton kernels with the glue inside (workbench.engine.skinny)
+    "fused-triton-linears": (True, "triton-rope", "triton"),
 }
 names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
 unknown = [n for n in names if n not in VARIANTS]
 if unknown:
     parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-variants = {n: None if VARIANTS[n] is None else FusedDecoder(model, kv, VARIANTS[n][0], VARIANTS[n][1])
+variants = {n: None if VARIANTS[n] is None else FusedDecoder(model, kv, *VARIANTS[n][:2],
+                                                              linear=(VARIANTS[n][2:] or ("torch",))[0])
             for n in names}
 
 

@@ -1,6 +1,6 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A]] [--symm-mem] [--profile]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A] [--fast-linear L]] [--symm-mem] [--profile]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs] [--in-flight]
 
 One job per world size (gloo on CPU, NCCL on GPUs, spawned by :func:`workbench.parallel.launch`:
@@ -48,6 +48,10 @@ def add_parser(bench_sub) -> None:
                            choices=("auto", "triton", "triton-rope", "gather"),
                            help="the fast path's attention (auto: triton-rope on GPUs, which does "
                                 "RoPE and the KV write in the attention kernel)")
+            b.add_argument("--fast-linear", default="auto", choices=("auto", "torch", "triton"),
+                           help="the fast path's matrix products: torch (cuBLAS, compiled glue "
+                                "around it) or triton (one kernel per product with the residual "
+                                "add, RMSNorm and SwiGLU inside; needs triton-rope); auto: torch")
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
                                 "memory (GPU, TP > 1; workbench.parallel.allreduce)")
@@ -113,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
                         dtype, cuda_graphs=args.cuda_graphs,
                         fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False),
                         fast_attention=getattr(args, "fast_attention", "auto"),
+                        fast_linear=getattr(args, "fast_linear", "auto"),
                         in_flight=getattr(args, "in_flight", False),
                         profile=getattr(args, "profile", False))
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
@@ -124,6 +129,8 @@ def run(args: argparse.Namespace) -> dict:
               "model": args.model, "dtype": dtype, "date": datetime.date.today().isoformat(),
               "workload": {"batch_sizes": list(batches), "context_len": args.context_len,
                            "steps": args.steps, "warmup": args.warmup},
+              **({"fast_attention": args.fast_attention, "fast_linear": args.fast_linear}
+                 if getattr(args, "fast", False) else {}),
               "results": rows, "checks": _checks(rows)}
     write_report(report, args.json)
     for r in rows:

@@ -10,7 +10,11 @@ This step computes the same function with:
 - **compiled glue**: the residual add + RMSNorm, RoPE and SiLU x up are compiled by
   ``torch.compile`` (Inductor) into a few Triton kernels per layer; matrix products stay cuBLAS;
 - **paged attention in place**: a Triton kernel reads the blocks through the block tables
-  (:mod:`workbench.kv.paged_triton`); without Triton, the blocks are gathered and SDPA runs.
+  (:mod:`workbench.kv.paged_triton`); without Triton, the blocks are gathered and SDPA runs;
+- optionally (``linear="triton"``), **the glue inside the matrix products**: one Triton kernel per
+  product reads its weight once and adds the residual, applies RMSNorm and SwiGLU on the way
+  (:mod:`workbench.engine.skinny`), so that a layer is five kernels - qkv, attention, o_proj,
+  gate/up, down - and nothing is compiled.
 
 It reads the same paged pools and block tables as :class:`~workbench.kv.paged.PagedKVCache`, and
 its logits agree with the plain forward to float rounding (tests on GPU compare the tokens).
@@ -27,11 +31,12 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 from workbench.kv.paged import PagedKVCache, gather_blocks
-from workbench.model.llama import LlamaModel
+from workbench.model.llama import LlamaModel, RMSNorm
 from workbench.model.rope import rope_cos_sin
 
 
 ATTENTIONS = ("triton", "triton-rope", "gather")
+LINEARS = ("torch", "triton")
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -96,11 +101,14 @@ class FusedDecoder:
     "gather" copies the blocks out first (anywhere); "auto" takes "triton-rope" where Triton runs
     (on one H200, 2026-12-05, the 8B shape's step was 2-5 % faster than with "triton": docs/notes).
     ``compile``: True, False (eager glue) or a ``torch.compile`` mode for the glue and the GEMMs
-    inside it.
+    inside it. ``linear``: "torch" (F.linear: cuBLAS on GPUs, glue compiled around it) or "triton"
+    (:func:`~workbench.engine.skinny.skinny_linear`, the glue inside the products; needs the
+    "triton-rope" attention; steps of more than 64 rows take the "torch" way); "auto" is "torch".
     """
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool | str = True,
-                 attention: str = "auto", reduce=None) -> None:
+                 attention: str = "auto", reduce=None, linear: str = "auto") -> None:
+        from workbench.engine import skinny
         from workbench.kv import paged_triton
 
         self.model, self.kv, self.config, self.reduce = model, kv, model.config, reduce
@@ -112,6 +120,13 @@ class FusedDecoder:
             raise WorkbenchError(f"attention must be auto or one of {', '.join(ATTENTIONS)}, "
                                  f"not {attention!r}")
         self.attention = attention
+        linear = "torch" if linear == "auto" else linear
+        if linear not in LINEARS:
+            raise WorkbenchError(f"linear must be auto or one of {', '.join(LINEARS)}, not {linear!r}")
+        if linear == "triton" and (attention != "triton-rope" or not skinny.available(model.device)):
+            raise WorkbenchError("linear='triton' needs Triton on a GPU and attention='triton-rope' "
+                                 f"(here: attention {attention!r}, device {model.device})")
+        self.linear = linear
         self.layers = []
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -140,9 +155,13 @@ class FusedDecoder:
                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         """Logits [b, vocab] of one decode step: ids/positions/slots/context_lens [b],
         tables [b, nb] (the blocks each row attends over)."""
+        from workbench.engine.skinny import MAX_ROWS
+
         model, eps = self.model, self.config.rms_norm_eps
         x = model.embed_tokens(ids)  # [b, hidden]
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], x.dtype)  # [b, 1, d] each
+        if self.linear == "triton" and ids.shape[0] <= MAX_ROWS:
+            return self._skinny_step(x, cos, sin, slots, tables, context_lens)
         mask = None
         if self.attention == "gather":
             S = tables.shape[1] * self.kv.block_size
@@ -158,6 +177,32 @@ class FusedDecoder:
                                    w["w_down"], eps)
             x = self._summed(x, w["b_down"])
         return model.lm_head(model.norm(residual + x))  # [b, vocab]
+
+    def _skinny_step(self, x, cos, sin, slots, tables, context_lens) -> torch.Tensor:
+        """The step as five kernels a layer (:mod:`workbench.engine.skinny`). The residual stream
+        is carried as (residual, out): each norm kernel adds the previous block's summed output to
+        it and stores the sum, so a tensor-parallel rank's all-reduce sees only its partial sum."""
+        from workbench.engine.skinny import skinny_linear
+        from workbench.kv.paged_triton import rope_paged_decode
+
+        model, eps, H = self.model, self.config.rms_norm_eps, self.shape[1]
+        residual, out = x, None  # layer 0's residual is the embedding, nothing to add yet
+        for i, w in enumerate(self.layers):
+            qkv = skinny_linear(residual, w["w_qkv"], add=out, norm=w["norm1"], eps=eps,
+                                bias=w["b_qkv"])
+            if out is not None:
+                qkv, residual = qkv
+            attn = rope_paged_decode(qkv, cos, sin, self.kv.k[i], self.kv.v[i], slots, tables,
+                                     context_lens, H)  # [b, H, d]
+            o = self._summed(skinny_linear(attn.reshape(attn.shape[0], -1), w["w_o"]), w["b_o"])
+            act, residual = skinny_linear(residual, w["w_gate_up"], add=o, norm=w["norm2"],
+                                          eps=eps, bias=w["b_gate_up"], swiglu=True)
+            out = self._summed(skinny_linear(act, w["w_down"]), w["b_down"])
+        head, norm = model.lm_head, model.norm
+        if type(head) is torch.nn.Linear and isinstance(norm, RMSNorm):  # one kernel: add, norm, head
+            return skinny_linear(residual, head.weight, add=out, norm=norm.weight, eps=norm.eps,
+                                 bias=head.bias)[0]
+        return head(norm(residual + out))  # a tensor-parallel head, or none (not the last stage)
 
     def _attention(self, i, w, x, residual, cos, sin, slots, tables, context_lens, mask):
         """Layer i's attention of this step: the output [b, H, d] and the residual stream."""

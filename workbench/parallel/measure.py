@@ -63,6 +63,7 @@ class DecodeBench:
     fast: bool = False  # also the fast path (fused weights + compile + Triton) in a CUDA graph
     symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
     fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
+    fast_linear: str = "auto"  # and its matrix products (FusedDecoder's ``linear``)
     in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
     profile: bool = False  # TP: a profiler table of rank 0's fastest step (GPU kernels)
     bandwidth: float = 0.0  # bytes/s for the floors; 0: measured on rank 0 (time_grids shares it)
@@ -214,7 +215,8 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
     fastest = [lambda: dec.forward(dec.batch(dec.pos))]  # the step to profile
 
     def fast(key: str, allreduce: str) -> dict:
-        step = fused_step(dec, attention=bench.fast_attention, allreduce=allreduce)
+        step = fused_step(dec, attention=bench.fast_attention, allreduce=allreduce,
+                          linear=bench.fast_linear)
         timed = graph_step(dec, step, key)
         fastest.append(step)
         return timed

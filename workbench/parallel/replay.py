@@ -196,11 +196,12 @@ def pipeline_graph_step(dec, capture: bool = True) -> dict:
 
 
 def fused_step(dec, compile: bool = True, attention: str = "auto",
-               allreduce: str = "dist"):
+               allreduce: str = "dist", linear: str = "auto"):
     """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
     ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
     the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`):
-    a function of no arguments returning the logits ``[B, vocab]``."""
+    a function of no arguments returning the logits ``[B, vocab]``. ``attention``, ``linear``:
+    :class:`~workbench.engine.fastpath.FusedDecoder`'s."""
     from workbench.engine.fastpath import FusedDecoder
     from workbench.kv.paged import PagedKVCache
 
@@ -217,5 +218,5 @@ def fused_step(dec, compile: bool = True, attention: str = "auto",
     group = w.mesh.tp_group
     reduce = None if group is None else make_reduce(allreduce, group, B * w.config.hidden_size,
                                                     w.dtype, dec.dev)
-    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce)
+    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce, linear=linear)
     return lambda: fused(dec.tokens, positions, slots, tables, lens)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The skinny Triton products (workbench.engine.skinny: one kernel per matrix product of a decode step, with the
+# residual add, RMSNorm and SwiGLU inside) on one GPU. Stages (STAGES, in this order; default "tests micro", then a
+# second call with STAGES="profile bench"):
+#   tests     tests/test_paged_gpu.py -k "skinny or triton_linears": the compiled kernel against PyTorch (fp32, bf16),
+#             the engine's CUDA graphs with FusedDecoder(linear="triton") against eager and each request alone
+#   micro     tools/skinny_gemm.py: each product of the 8B shape alone at batch 1 and 32 (cuBLAS, cuBLAS + compiled
+#             glue, skinny) against its weight's read time
+#   profile   tools/profile_decode.py: the 8B shape's decode step from a CUDA graph at batch 1 and 32, context 128,
+#             triton-rope with cuBLAS vs with the skinny products, a profiler table of the faster one
+#   bench     bench tp --tp 1 --fast --fast-linear torch|triton: the step as issue 5's TP bars time it
+# Results to $OUT: skinny-tests.log, skinny-gemm.json, decode-profile-linears.json, bench_tp1_{torch,triton}.json,
+# skinny.log. Run from the repository root: OUT=$OUT bash tools/gpu/skinny.sh
+set -u
+OUT=${OUT:?set OUT}
+STAGES=${STAGES:-tests micro}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/skinny.log") 2>&1
+source tools/gpu/setup.sh || true
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+fail=0
+start=$SECONDS
+step() { echo "== $1 ($(( SECONDS - start )) s)"; }
+
+if has tests; then
+    step "tests"
+    timeout 280 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py \
+        -k "skinny or triton_linears" > "$OUT/skinny-tests.log" 2>&1 || fail=1
+    tail -5 "$OUT/skinny-tests.log"
+fi
+
+if has micro; then
+    step "skinny_gemm"
+    timeout 240 python tools/skinny_gemm.py --batches 1,32 --json "$OUT/skinny-gemm.json" || fail=1
+fi
+
+if has profile; then
+    step "profile_decode"
+    timeout 240 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
+        --variants fused-compiled-triton-rope,fused-triton-linears --profile-batches 32 \
+        --json "$OUT/decode-profile-linears.json" || fail=1
+fi
+
+if has bench; then
+    for linear in torch triton; do
+        step "bench tp --fast --fast-linear $linear"
+        timeout 150 python -m workbench bench tp --model preset:llama-3.1-8b --tp 1 --batch-sizes 1,32 \
+            --context-len 128 --steps 20 --device cuda --fast --fast-linear $linear --timeout 140 \
+            --json "$OUT/bench_tp1_$linear.json" || fail=1
+    done
+fi
+step "done, exit $fail"
+exit $fail

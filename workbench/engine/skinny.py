@@ -1,0 +1,181 @@
+"""Skinny matrix products of a decode step as one Triton kernel each, the glue folded in.
+
+At decode time a linear layer multiplies a few rows (the batch: 1 to a few dozen) by a weight matrix
+of millions of entries, so its time is the time to read the weight; cuBLAS's GEMMs, tuned for large
+products, reach 70-75 % of the copy bandwidth on the 8B shape's smaller matrices (qkv, o_proj at
+batch 32 on an H200, docs/notes/parallel-and-streaming-gpu.md) and split K with a reduction kernel
+after. Around them, each layer also runs small kernels of its own - the residual add with RMSNorm
+twice, SiLU x up - that move kilobytes and cost microseconds each. This kernel computes
+
+    y = act( norm(x + add) W^T + bias )          x, add [M, K];  W [N, K]  (nn.Linear's layout)
+
+with each part optional, in one launch:
+
+    program (columns n0 .. n0 + BN of y):                # grid [ceil(N_out / BN)]
+        for each chunk k of BK columns of K:
+            x_k = x[:, k] + add[:, k]                    # [BM, BK]  (program 0 stores it: the residual)
+            ss += sum(x_k^2)                             # RMSNorm's statistic, on the fly
+            acc += (x_k * g_k) W[n0:n0+BN, k]^T          # tensor cores; W read once, by this program
+        y = acc * rsqrt(ss / K + eps) + bias            # the norm's scale is per row: it factors out
+        SwiGLU: a second accumulator over W's rows I + n; y = silu(gate) * up
+
+Every program reads all of ``x`` (a few hundred KB at most, from L2) and its own rows of ``W``; there
+is no split of K, so no reduction kernel. A Llama layer's decode step is then four of these and the
+attention kernel (:func:`~workbench.kv.paged_triton.rope_paged_decode`): qkv (norm of residual +
+the previous MLP's output), o_proj, gate/up (norm of residual + attention's output, SwiGLU), down.
+
+The tiles (BN, BK, warps, stages) are chosen by Triton's autotuner on first use of each shape, on
+the GPU (so before a CUDA graph captures the step). GPU (Triton) only; in CI, Triton's interpreter
+runs it on the CPU against the PyTorch reference (``tests/test_triton_interpreter.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from workbench.errors import WorkbenchError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: F.linear is used
+    triton = None
+
+MAX_ROWS = 64  # rows (batch) this kernel takes; past it the product is compute-heavy: cuBLAS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_kernel(X, A, R, G, W, B, Y, M, N, K, HALF, s_xm, s_am, s_rm, s_wn, s_ym, eps,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr,
+                       NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                       IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        rm = tl.arange(0, BM)
+        rn = pid * BN + tl.arange(0, BN)
+        row, col = rm < M, rn < N
+        acc = tl.zeros([BM, BN], tl.float32)
+        up = tl.zeros([BM, BN], tl.float32)
+        ss = tl.zeros([BM], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            live = row[:, None] & (rk < K)[None, :]
+            x = tl.load(X + rm[:, None] * s_xm + rk[None, :], mask=live, other=0.0)  # [BM, BK]
+            if ADD:  # the residual stream: x + add, stored once (by program 0)
+                x = (x.to(tl.float32) + tl.load(A + rm[:, None] * s_am + rk[None, :], mask=live,
+                                                other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+                if pid == 0:
+                    tl.store(R + rm[:, None] * s_rm + rk[None, :], x, mask=live)
+            if NORM:  # sum of squares now, the 1 / rms scale after the loop
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                g = tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
+                x = (xf * g[None, :]).to(X.dtype.element_ty)
+            w = tl.load(W + rn[:, None] * s_wn + rk[None, :], mask=col[:, None] & (rk < K)[None, :],
+                        other=0.0)  # [BN, BK]: this program's rows of W, read once
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+            if SWIGLU:  # the up projection: rows HALF + n of the gate/up matrix
+                wu = tl.load(W + (HALF + rn)[:, None] * s_wn + rk[None, :],
+                             mask=col[:, None] & (rk < K)[None, :], other=0.0)
+                if IEEE:
+                    up += tl.dot(x, tl.trans(wu), input_precision="ieee")
+                else:
+                    up += tl.dot(x, tl.trans(wu))
+        if NORM:
+            scale = tl.rsqrt(ss / K + eps)  # [BM]
+            acc = acc * scale[:, None]
+            up = up * scale[:, None]
+        if BIAS:
+            acc += tl.load(B + rn, mask=col, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                up += tl.load(B + HALF + rn, mask=col, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc = acc * tl.sigmoid(acc) * up  # silu(gate) * up
+        tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=row[:, None] & col[None, :])
+
+    # Tiles tried by the autotuner, per (rows, N, K, variant): few enough that the first step of a
+    # new shape compiles in seconds. BN x BK bf16 tiles of 8-32 KB, 3-5 in flight per program.
+    CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+               for bn, bk, warps, stages in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5),
+                                             (64, 128, 4, 4), (16, 512, 4, 3), (32, 256, 8, 3))]
+    _tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "BM", "ADD", "NORM", "SWIGLU"])(
+        _skinny_kernel)
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel runs here: Triton on a GPU (or its interpreter, in the tests)."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | None = None,
+                  norm: torch.Tensor | None = None, eps: float = 1e-6,
+                  bias: torch.Tensor | None = None, swiglu: bool = False,
+                  config: dict | None = None):
+    """``act(norm(x + add) W^T + bias)`` for x [M, K] with M <= 64, in one kernel.
+
+    weight [N, K]; ``add`` [M, K] is added to ``x`` first (the residual stream) and the sum is
+    returned too; ``norm`` [K] RMSNorm's weight (with ``eps``); ``swiglu``: ``weight`` is gate and
+    up stacked [2 I, K] and the result is ``silu(gate) * up`` [M, I]. Returns y, or (y, x + add)
+    when ``add`` is given. ``config`` (BN, BK, num_warps, num_stages) skips the autotuner (as on
+    the CPU, in Triton's interpreter). Float32 products are exact (no TF32)."""
+    if triton is None:
+        raise WorkbenchError("skinny_linear needs Triton (a GPU install, or the interpreter)")
+    M, K = x.shape
+    if M > MAX_ROWS:
+        raise WorkbenchError(f"skinny_linear takes at most {MAX_ROWS} rows, not {M}: use F.linear")
+    if weight.shape[1] != K or (add is not None and add.shape != x.shape):
+        raise WorkbenchError(f"shapes do not fit: x {tuple(x.shape)}, weight "
+                             f"{tuple(weight.shape)}, add {None if add is None else tuple(add.shape)}")
+    if swiglu and weight.shape[0] % 2:
+        raise WorkbenchError(f"swiglu needs gate and up stacked: an even number of rows, "
+                             f"not {weight.shape[0]}")
+    x, weight = x.contiguous(), weight.contiguous()
+    half = weight.shape[0] // 2 if swiglu else 0
+    n = half if swiglu else weight.shape[0]
+    y = torch.empty(M, n, device=x.device, dtype=x.dtype)
+    residual = torch.empty_like(x) if add is not None else None
+    a = add.contiguous() if add is not None else x
+    r = residual if residual is not None else x
+    g = norm if norm is not None else x
+    b = bias if bias is not None else x
+    args = (x, a, r, g, weight, b, y, M, n, K, half, x.stride(0), a.stride(0), r.stride(0),
+            weight.stride(0), y.stride(0), eps)
+    flags = dict(BM=max(16, triton.next_power_of_2(M)), ADD=add is not None,
+                 NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
+                 IEEE=x.dtype == torch.float32)
+    if config is None and x.device.type != "cuda":  # the interpreter: no timings to tune by
+        config = dict(BN=16, BK=64)
+    if config is None:
+        _tuned[lambda meta: (triton.cdiv(n, meta["BN"]),)](*args, **flags)
+    else:
+        c = dict(config)
+        warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
+        _skinny_kernel[(triton.cdiv(n, c["BN"]),)](*args, **flags, **c, num_warps=warps,
+                                                   num_stages=stages)
+    return y if add is None else (y, residual)
+
+
+def reference(x, weight, *, add=None, norm=None, eps=1e-6, bias=None, swiglu=False):
+    """What :func:`skinny_linear` computes, in PyTorch (the model's own order of rounding)."""
+    import torch.nn.functional as F
+
+    from workbench.model.llama import RMSNorm
+
+    residual = x if add is None else x + add
+    h = residual
+    if norm is not None:
+        rms = RMSNorm(norm.shape[0], eps).to(norm.device, norm.dtype)
+        rms.weight.data = norm
+        h = rms(h)
+    y = F.linear(h, weight, bias)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if add is None else (y, residual)
