@@ -115,12 +115,14 @@ else:
         (17, 40, 300, True, True, False, True), (33, 96, 64, False, False, True, True),
         (64, 32, 16, True, False, False, False), (2, 130, 70, False, True, False, False)]
 
+    @pytest.mark.parametrize("config", [dict(BN=16, BK=64), dict(BN=32, BK=32, SPLIT=3)])
     @pytest.mark.parametrize("M,N,K,add,norm,bias,swiglu", SKINNY)
-    def test_skinny_linear_matches_pytorch(M, N, K, add, norm, bias, swiglu):
+    def test_skinny_linear_matches_pytorch(M, N, K, add, norm, bias, swiglu, config):
         """One kernel = the residual add, RMSNorm, the product, its bias and SwiGLU as the model
-        computes them, at batch 1 to 64 and sizes that fill no tile exactly; the residual it
-        stores is x + add exactly."""
-        from workbench.engine.skinny import reference, skinny_linear
+        computes them, at batch 1 to 64 and sizes that fill no tile exactly, with K whole or split
+        (the last split of each column adds the others' sums, the norm's among them, and sets its
+        counter back to zero for the next call); the residual it stores is x + add exactly."""
+        from workbench.engine.skinny import _workspaces, reference, skinny_linear
 
         g = torch.Generator().manual_seed(M * N + K)
         x = torch.randn(M, K, generator=g)
@@ -128,12 +130,15 @@ else:
         kw = dict(add=torch.randn(M, K, generator=g) if add else None,
                   norm=1 + 0.1 * torch.randn(K, generator=g) if norm else None,
                   bias=torch.randn(N, generator=g) if bias else None, swiglu=swiglu, eps=1e-5)
-        got, want = skinny_linear(x, weight, **kw), reference(x, weight, **kw)
-        if add:
-            assert torch.equal(got[1], want[1])
-            got, want = got[0], want[0]
-        assert got.shape == (M, N // 2 if swiglu else N)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want = reference(x, weight, **kw)
+        for _ in range(2):  # the second call finds the counters at zero again
+            got = skinny_linear(x, weight, config=config, **kw)
+            if add:
+                assert torch.equal(got[1], want[1])
+                got = got[0]
+            assert got.shape == (M, N // 2 if swiglu else N)
+            torch.testing.assert_close(got, want[0] if add else want, rtol=1e-5, atol=1e-5)
+        assert all(count.sum() == 0 for _, count in _workspaces.values())
 
     def test_skinny_linear_refuses_what_it_cannot_do():
         from workbench.engine.skinny import skinny_linear
@@ -145,6 +150,8 @@ else:
             skinny_linear(torch.zeros(2, 8), torch.zeros(4, 9))
         with pytest.raises(WorkbenchError, match="even number of rows"):
             skinny_linear(torch.zeros(2, 8), torch.zeros(5, 8), swiglu=True)
+        with pytest.raises(WorkbenchError, match="at most 4 splits"):
+            skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8), config=dict(BN=16, BK=16, SPLIT=8))
 
     @pytest.mark.parametrize("overrides", [
         dict(head_dim=16),  # GQA, untied head

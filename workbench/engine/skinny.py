@@ -49,22 +49,25 @@ MAX_ROWS = 64  # rows (batch) this kernel takes; past it the product is compute-
 if triton is not None:
 
     @triton.jit
-    def _skinny_kernel(X, A, R, G, W, B, Y, M, N, K, HALF, s_xm, s_am, s_rm, s_wn, s_ym, eps,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ADD: tl.constexpr,
-                       NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                       IEEE: tl.constexpr):
-        pid = tl.program_id(0)
+    def _skinny_kernel(X, A, R, G, W, B, Y, Part, Count, M, N, K, HALF, s_xm, s_am, s_rm, s_wn,
+                       s_ym, eps, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       SPLIT: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr,
+                       BIAS: tl.constexpr, SWIGLU: tl.constexpr, IEEE: tl.constexpr):
+        pid, split = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, BM)
         rn = pid * BN + tl.arange(0, BN)
         row, col = rm < M, rn < N
         acc = tl.zeros([BM, BN], tl.float32)
         up = tl.zeros([BM, BN], tl.float32)
         ss = tl.zeros([BM], tl.float32)
-        for k0 in range(0, K, BK):
+        per_split = tl.cdiv(tl.cdiv(K, SPLIT), BK) * BK  # this program's part of K, whole chunks
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, K)
+        for k0 in range(lo, hi, BK):
             rk = k0 + tl.arange(0, BK)
             live = row[:, None] & (rk < K)[None, :]
             x = tl.load(X + rm[:, None] * s_xm + rk[None, :], mask=live, other=0.0)  # [BM, BK]
-            if ADD:  # the residual stream: x + add, stored once (by program 0)
+            if ADD:  # the residual stream: x + add, stored once (by the first column of programs)
                 x = (x.to(tl.float32) + tl.load(A + rm[:, None] * s_am + rk[None, :], mask=live,
                                                 other=0.0).to(tl.float32)).to(X.dtype.element_ty)
                 if pid == 0:
@@ -74,39 +77,89 @@ if triton is not None:
                 ss += tl.sum(xf * xf, axis=1)
                 g = tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
                 x = (xf * g[None, :]).to(X.dtype.element_ty)
-            w = tl.load(W + rn[:, None] * s_wn + rk[None, :], mask=col[:, None] & (rk < K)[None, :],
-                        other=0.0)  # [BN, BK]: this program's rows of W, read once
+            # [BK, BN]: this program's rows of W, read once, as W^T's tile (so that the load
+            # feeds the dot directly and Triton pipelines it through shared memory)
+            at_w = rn[None, :] * s_wn + rk[:, None]
+            in_w = (rk < K)[:, None] & col[None, :]
+            w = tl.load(W + at_w, mask=in_w, other=0.0)
             if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(x, w, input_precision="ieee")
             else:
-                acc += tl.dot(x, tl.trans(w))
+                acc += tl.dot(x, w)
             if SWIGLU:  # the up projection: rows HALF + n of the gate/up matrix
-                wu = tl.load(W + (HALF + rn)[:, None] * s_wn + rk[None, :],
-                             mask=col[:, None] & (rk < K)[None, :], other=0.0)
+                wu = tl.load(W + HALF * s_wn + at_w, mask=in_w, other=0.0)
                 if IEEE:
-                    up += tl.dot(x, tl.trans(wu), input_precision="ieee")
+                    up += tl.dot(x, wu, input_precision="ieee")
                 else:
-                    up += tl.dot(x, tl.trans(wu))
-        if NORM:
-            scale = tl.rsqrt(ss / K + eps)  # [BM]
-            acc = acc * scale[:, None]
-            up = up * scale[:, None]
-        if BIAS:
-            acc += tl.load(B + rn, mask=col, other=0.0).to(tl.float32)[None, :]
+                    up += tl.dot(x, wu)
+        last = True
+        if SPLIT > 1:  # each split leaves its sums; the last of a column of programs adds them up
+            per_tile: tl.constexpr = 2 * BM * BN + BM
+            tile = Part + (pid * SPLIT + split) * per_tile
+            at = rm[:, None] * BN + tl.arange(0, BN)[None, :]
+            tl.store(tile + at, acc)
+            tl.store(tile + BM * BN + at, up)
+            tl.store(tile + 2 * BM * BN + rm, ss)
+            tl.debug_barrier()  # every thread's stores before the count (released by it)
+            last = tl.atomic_add(Count + pid, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+            if last:
+                acc = tl.zeros([BM, BN], tl.float32)
+                up = tl.zeros([BM, BN], tl.float32)
+                ss = tl.zeros([BM], tl.float32)
+                for t in range(SPLIT):  # from L2 (.cg): other SMs wrote them
+                    other = Part + (pid * SPLIT + t) * per_tile
+                    acc += tl.load(other + at, cache_modifier=".cg")
+                    up += tl.load(other + BM * BN + at, cache_modifier=".cg")
+                    ss += tl.load(other + 2 * BM * BN + rm, cache_modifier=".cg")
+                tl.store(Count + pid, 0)  # ready for the next launch (or graph replay)
+        if last:
+            if NORM:
+                scale = tl.rsqrt(ss / K + eps)  # [BM]
+                acc = acc * scale[:, None]
+                up = up * scale[:, None]
+            if BIAS:
+                acc += tl.load(B + rn, mask=col, other=0.0).to(tl.float32)[None, :]
+                if SWIGLU:
+                    up += tl.load(B + HALF + rn, mask=col, other=0.0).to(tl.float32)[None, :]
             if SWIGLU:
-                up += tl.load(B + HALF + rn, mask=col, other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            acc = acc * tl.sigmoid(acc) * up  # silu(gate) * up
-        tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=row[:, None] & col[None, :])
+                acc = acc * tl.sigmoid(acc) * up  # silu(gate) * up
+            tl.store(Y + rm[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
+                     mask=row[:, None] & col[None, :])
 
     # Tiles tried by the autotuner, per (rows, N, K, variant): few enough that the first step of a
-    # new shape compiles in seconds. BN x BK bf16 tiles of 8-32 KB, 3-5 in flight per program.
-    CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
-               for bn, bk, warps, stages in ((16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5),
-                                             (64, 128, 4, 4), (16, 512, 4, 3), (32, 256, 8, 3))]
-    _tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "BM", "ADD", "NORM", "SWIGLU"])(
-        _skinny_kernel)
+    # new shape compiles in seconds. BN x BK bf16 tiles of 8-32 KB, 3-5 in flight per program;
+    # K split 2-4 ways (wider tiles, so that fewer programs re-read x) where N <= SPLIT_N.
+    CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": split}, num_warps=warps,
+                             num_stages=stages)
+               for bn, bk, split, warps, stages in (
+                   (16, 256, 1, 4, 4), (32, 256, 1, 4, 4), (32, 128, 1, 4, 5), (64, 128, 1, 4, 4),
+                   (16, 512, 1, 4, 3), (32, 256, 1, 8, 3),
+                   (64, 256, 2, 4, 3), (128, 128, 4, 4, 3), (64, 128, 4, 4, 4))]
+
+    def _prune(configs, named_args, **kwargs):
+        """No split where no workspace was made for one (N past SPLIT_N)."""
+        return [c for c in configs if c.kwargs["SPLIT"] == 1 or named_args["N"] <= SPLIT_N]
+
+    _tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "BM", "ADD", "NORM", "SWIGLU"],
+                             prune_configs_by={"early_config_prune": _prune})(_skinny_kernel)
+
+SPLIT_N = 16384  # outputs up to this wide may split K (the workspace grows with N)
+MAX_SPLIT, MAX_BN = 4, 128
+_workspaces: dict = {}  # (device, BM, N) -> (partial sums, counters): kept, as CUDA graphs use them
+
+
+def _workspace(device: torch.device, bm: int, n: int):
+    """Scratch for split-K: each (column, split) program's sums, and a counter per column of
+    programs that its last program sets back to zero. Made once per shape, outside any capture
+    (the first call of a shape is the autotuner's, which runs before capture)."""
+    key = (device, bm, n)
+    if key not in _workspaces:
+        tiles = -(-n // 16)  # the most columns of programs any config makes
+        per_tile = 2 * bm * MAX_BN + bm
+        _workspaces[key] = (torch.empty(tiles * MAX_SPLIT * per_tile, device=device,
+                                        dtype=torch.float32),
+                            torch.zeros(tiles, device=device, dtype=torch.int32))
+    return _workspaces[key]
 
 
 def available(device: torch.device) -> bool:
@@ -123,7 +176,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     weight [N, K]; ``add`` [M, K] is added to ``x`` first (the residual stream) and the sum is
     returned too; ``norm`` [K] RMSNorm's weight (with ``eps``); ``swiglu``: ``weight`` is gate and
     up stacked [2 I, K] and the result is ``silu(gate) * up`` [M, I]. Returns y, or (y, x + add)
-    when ``add`` is given. ``config`` (BN, BK, num_warps, num_stages) skips the autotuner (as on
+    when ``add`` is given. ``config`` (BN, BK, SPLIT, num_warps, num_stages) skips the autotuner (as on
     the CPU, in Triton's interpreter). Float32 products are exact (no TF32)."""
     if triton is None:
         raise WorkbenchError("skinny_linear needs Triton (a GPU install, or the interpreter)")
@@ -145,20 +198,25 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     r = residual if residual is not None else x
     g = norm if norm is not None else x
     b = bias if bias is not None else x
-    args = (x, a, r, g, weight, b, y, M, n, K, half, x.stride(0), a.stride(0), r.stride(0),
-            weight.stride(0), y.stride(0), eps)
-    flags = dict(BM=max(16, triton.next_power_of_2(M)), ADD=add is not None,
+    bm = max(16, triton.next_power_of_2(M))
+    part, count = _workspace(x.device, bm, n) if n <= SPLIT_N else (y, y)
+    args = (x, a, r, g, weight, b, y, part, count, M, n, K, half, x.stride(0), a.stride(0),
+            r.stride(0), weight.stride(0), y.stride(0), eps)
+    flags = dict(BM=bm, ADD=add is not None,
                  NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
                  IEEE=x.dtype == torch.float32)
     if config is None and x.device.type != "cuda":  # the interpreter: no timings to tune by
         config = dict(BN=16, BK=64)
     if config is None:
-        _tuned[lambda meta: (triton.cdiv(n, meta["BN"]),)](*args, **flags)
+        _tuned[lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT"])](*args, **flags)
     else:
-        c = dict(config)
+        c = {"SPLIT": 1} | dict(config)
         warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
-        _skinny_kernel[(triton.cdiv(n, c["BN"]),)](*args, **flags, **c, num_warps=warps,
-                                                   num_stages=stages)
+        if c["SPLIT"] > MAX_SPLIT or c["BN"] > MAX_BN or (c["SPLIT"] > 1 and n > SPLIT_N):
+            raise WorkbenchError(f"config {config}: at most {MAX_SPLIT} splits and BN {MAX_BN}, "
+                                 f"splits only up to N = {SPLIT_N}")
+        _skinny_kernel[(triton.cdiv(n, c["BN"]), c["SPLIT"])](*args, **flags, **c,
+                                                              num_warps=warps, num_stages=stages)
     return y if add is None else (y, residual)
 
 
