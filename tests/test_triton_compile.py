@@ -50,3 +50,16 @@ def test_skinny_kernel_compiles_for_sm90_with_its_loads_pipelined(variant, split
     assert copies >= 2 * config.num_stages - 2, ttgir[:2000]  # x and W, per stage in flight
     assert compiled.metadata.shared <= 227 * 1024
     assert "mma" in ttgir  # tensor cores
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_without_aligned_arguments_nothing_is_pipelined():
+    """Why the test above states the alignment: the same kernel, its arguments of unknown
+    alignment, issues plain loads only (what a caller passing odd strides or offsets gets)."""
+    from workbench.engine.skinny import CONFIGS, _skinny_kernel
+
+    config = CONFIGS[0]
+    flags = dict(ADD=False, NORM=False, SWIGLU=False, BIAS=False, IEEE=False, BM=32)
+    compiled = compile_sm90(_skinny_kernel, SIGNATURE, config.kwargs | flags, [],
+                            config.num_warps, config.num_stages)
+    assert compiled.asm["ttgir"].count("async_copy_global_to_local") == 0

@@ -19,12 +19,20 @@ with each part optional, in one launch:
         y = acc * rsqrt(ss / K + eps) + bias            # the norm's scale is per row: it factors out
         SwiGLU: a second accumulator over W's rows I + n; y = silu(gate) * up
 
-Every program reads all of ``x`` (a few hundred KB at most, from L2) and its own rows of ``W``; there
-is no split of K, so no reduction kernel. A Llama layer's decode step is then four of these and the
+Every program reads its rows of ``W`` once and all of ``x`` (from L2): over the grid, ``x`` is read
+N / BN times, as many bytes as ``W`` itself when BN equals the batch. Where the output is narrow
+(o_proj, down: N = 4096 on the 8B shape) K can be split (``SPLIT``) so that wider tiles still give
+every SM a program: each (column, split) program leaves its sums in a workspace and counts itself
+in; the last of the column adds them up and finishes - the reduction cuBLAS runs as a kernel of its
+own, here inside the same launch. A Llama layer's decode step is then four of these and the
 attention kernel (:func:`~workbench.kv.paged_triton.rope_paged_decode`): qkv (norm of residual +
 the previous MLP's output), o_proj, gate/up (norm of residual + attention's output, SwiGLU), down.
 
-The tiles (BN, BK, warps, stages) are chosen by Triton's autotuner on first use of each shape, on
+Triton pipelines the loads of ``x`` and ``W`` through shared memory (``num_stages`` tiles in flight,
+which is what keeps enough bytes in flight per SM) where its JIT finds the pointers and strides
+16-byte aligned, as they are for the model's tensors; without that alignment nothing is pipelined.
+``tests/test_triton_compile.py`` compiles the kernel for sm_90 here and checks both.
+The tiles (BN, BK, SPLIT, warps, stages) are chosen by Triton's autotuner on first use of each shape, on
 the GPU (so before a CUDA graph captures the step). GPU (Triton) only; in CI, Triton's interpreter
 runs it on the CPU against the PyTorch reference (``tests/test_triton_interpreter.py``).
 """
@@ -77,8 +85,7 @@ if triton is not None:
                 ss += tl.sum(xf * xf, axis=1)
                 g = tl.load(G + rk, mask=rk < K, other=0.0).to(tl.float32)
                 x = (xf * g[None, :]).to(X.dtype.element_ty)
-            # [BK, BN]: this program's rows of W, read once, as W^T's tile (so that the load
-            # feeds the dot directly and Triton pipelines it through shared memory)
+            # [BK, BN]: this program's rows of W (read once), as the tile of W^T the dot takes
             at_w = rn[None, :] * s_wn + rk[:, None]
             in_w = (rk < K)[:, None] & col[None, :]
             w = tl.load(W + at_w, mask=in_w, other=0.0)
