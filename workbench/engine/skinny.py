@@ -101,7 +101,7 @@ if triton is not None:
                     up += tl.dot(x, wu)
         last = True
         if SPLIT > 1:  # each split leaves its sums; the last of a column of programs adds them up
-            per_tile: tl.constexpr = 2 * BM * BN + BM
+            per_tile = 2 * BM * BN + BM
             tile = Part + (pid * SPLIT + split) * per_tile
             at = rm[:, None] * BN + tl.arange(0, BN)[None, :]
             tl.store(tile + at, acc)
