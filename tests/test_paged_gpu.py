@@ -25,13 +25,26 @@ def requests(n, seed=0, new=24):
                     ignore_eos=True, id=i) for i, k in enumerate(lengths)]
 
 
-@pytest.mark.parametrize("compile", [False, True])
+def _with_triton_linears(monkeypatch):
+    """The engine's CUDA graphs built over FusedDecoder(linear="triton")."""
+    import functools
+
+    from workbench.engine import fastpath
+
+    monkeypatch.setattr(fastpath, "FusedDecoder",
+                        functools.partial(fastpath.FusedDecoder, linear="triton"))
+
+
+@pytest.mark.parametrize("compile,linear", [(False, "torch"), (True, "torch"), (True, "triton")])
 @pytest.mark.parametrize("num_blocks", [None, 24])  # roomy, and tight enough to preempt
-def test_cuda_graphs_match_eager_and_alone(model, num_blocks, compile):
+def test_cuda_graphs_match_eager_and_alone(model, num_blocks, compile, linear, monkeypatch):
+    if linear == "triton":  # the skinny products (workbench.engine.skinny) in the fused step
+        _with_triton_linears(monkeypatch)
     reqs = requests(11)
     config = EngineConfig(8, 256, max_model_len=64, chunked_prefill=True, kv="paged",
                           block_size=4, num_blocks=num_blocks, cuda_graphs=True, compile=compile)
     engine = ContinuousEngine(model, config, check_blocks=True)
+    assert not compile or engine.graphs.fused.linear == linear
     fast = run_continuous(model, reqs, config, engine=engine)
     eager = run_continuous(model, reqs, EngineConfig(8, 256, max_model_len=64,
                                                      chunked_prefill=True))
@@ -43,8 +56,10 @@ def test_cuda_graphs_match_eager_and_alone(model, num_blocks, compile):
         assert engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_bf16_graphs_agree_with_eager(model, compile):
+@pytest.mark.parametrize("compile,linear", [(False, "torch"), (True, "torch"), (True, "triton")])
+def test_bf16_graphs_agree_with_eager(compile, linear, monkeypatch):
+    if linear == "triton":
+        _with_triton_linears(monkeypatch)
     bf16 = load_model("bundled", "cuda", torch.bfloat16)
     reqs = requests(16, seed=1, new=16)
     base = dict(max_model_len=64, chunked_prefill=True, kv="paged", block_size=16)
@@ -106,36 +121,3 @@ def test_skinny_linear_compiled_matches_pytorch(M, N, K, add, norm, swiglu, dtyp
         torch.testing.assert_close(got.float(), (want[0] if add else want).float(), rtol=tol,
                                    atol=tol)
 
-
-def _with_triton_linears(monkeypatch):
-    """The engine's CUDA graphs built over FusedDecoder(linear="triton")."""
-    import functools
-
-    from workbench.engine import fastpath
-
-    monkeypatch.setattr(fastpath, "FusedDecoder",
-                        functools.partial(fastpath.FusedDecoder, linear="triton"))
-
-
-def test_cuda_graphs_with_triton_linears_match_eager_and_alone(model, monkeypatch):
-    _with_triton_linears(monkeypatch)
-    reqs = requests(11)
-    config = EngineConfig(8, 256, max_model_len=64, chunked_prefill=True, kv="paged",
-                          block_size=4, num_blocks=24, cuda_graphs=True, compile=True)
-    engine = ContinuousEngine(model, config, check_blocks=True)
-    assert engine.graphs.fused.linear == "triton"
-    fast = run_continuous(model, reqs, config, engine=engine)
-    alone = [run_static(model, [r], 1).traces[0].output_ids for r in reqs]
-    assert [t.output_ids for t in fast.traces] == alone
-
-
-def test_bf16_graphs_with_triton_linears_agree_with_eager(monkeypatch):
-    _with_triton_linears(monkeypatch)
-    bf16 = load_model("bundled", "cuda", torch.bfloat16)
-    reqs = requests(16, seed=1, new=16)
-    base = dict(max_model_len=64, chunked_prefill=True, kv="paged", block_size=16)
-    fast = run_continuous(bf16, reqs, EngineConfig(16, 512, cuda_graphs=True, compile=True,
-                                                   **base))
-    eager = run_continuous(bf16, reqs, EngineConfig(16, 512, **base))
-    same = sum(a.output_ids == b.output_ids for a, b in zip(fast.traces, eager.traces))
-    assert same >= 12, f"only {same}/16 bf16 outputs identical between graphs and eager"

@@ -79,33 +79,37 @@ else:
         assert torch.equal(v_pool.view(24, 2, 16)[slots], v)
         assert k_pool.view(24, 2, 16).abs().sum(dim=(1, 2)).nonzero().flatten().tolist() == [0, 5, 22]
 
+    def _step_logits(model, lens, ids, bs, **decoder):
+        """Logits of one FusedDecoder step (uncompiled; ``decoder``: its options) for rows that
+        hold ``lens`` tokens after it, over pools of the same random earlier keys and values."""
+        from workbench.engine.fastpath import FusedDecoder
+        from workbench.kv.paged import PagedKVCache
+
+        c, lens = model.config, torch.tensor(lens)
+        B, nb = len(lens), 3
+        tables = torch.arange(B * nb).view(B, nb)
+        positions = lens - 1
+        slots = tables[torch.arange(B), positions // bs] * bs + positions % bs
+        kv = PagedKVCache(c, B * nb, bs, torch.device("cpu"), torch.float32)
+        g = torch.Generator().manual_seed(1)
+        for i in range(c.num_hidden_layers):
+            kv.k[i].copy_(torch.randn(kv.k[i].shape, generator=g))
+            kv.v[i].copy_(torch.randn(kv.v[i].shape, generator=g))
+        with torch.inference_mode():
+            return FusedDecoder(model, kv, compile=False, **decoder)(
+                torch.tensor(ids), positions, slots, tables, lens)
+
     def test_fast_path_with_triton_attention_matches_gather():
         """The engine's fused decode step with the Triton kernels (write, split, combine; or
         the RoPE-and-write fused kernel) gives the gather path's logits on the bundled model, at
         rows of different lengths."""
-        from workbench.engine.fastpath import FusedDecoder
-        from workbench.kv.paged import PagedKVCache
         from workbench.model.loading import load_model
 
         with torch_threads(1):
             model = load_model("bundled")
-            c, bs = model.config, 16
-            lens = torch.tensor([9, 40, 17])  # tokens after this step
-            B, nb = len(lens), 3
-            tables = torch.arange(B * nb).view(B, nb)
-            positions = lens - 1
-            slots = tables[torch.arange(B), positions // bs] * bs + positions % bs
-            ids = torch.tensor([11, 222, 3333])
-            logits = {}
-            for attention in ("gather", "triton", "triton-rope"):
-                kv = PagedKVCache(c, B * nb, bs, torch.device("cpu"), torch.float32)
-                g = torch.Generator().manual_seed(1)
-                for i in range(c.num_hidden_layers):  # the same earlier keys and values
-                    kv.k[i].copy_(torch.randn(kv.k[i].shape, generator=g))
-                    kv.v[i].copy_(torch.randn(kv.v[i].shape, generator=g))
-                step = FusedDecoder(model, kv, compile=False, attention=attention)
-                with torch.inference_mode():
-                    logits[attention] = step(ids, positions, slots, tables, lens)
+            logits = {attention: _step_logits(model, [9, 40, 17], [11, 222, 3333], 16,
+                                              attention=attention)
+                      for attention in ("gather", "triton", "triton-rope")}
         for attention in ("triton", "triton-rope"):
             torch.testing.assert_close(logits[attention], logits["gather"], rtol=1e-4, atol=1e-4)
             assert torch.equal(logits[attention].argmax(-1), logits["gather"].argmax(-1))
@@ -162,60 +166,27 @@ else:
         SwiGLU inside) gives the logits of the compiled-glue step (F.linear), with biases on
         every projection and a tied head too, at rows of different lengths."""
         from tests.helpers import tiny_config
-        from workbench.engine.fastpath import FusedDecoder
-        from workbench.kv.paged import PagedKVCache
         from workbench.model.llama import LlamaModel
 
         torch.manual_seed(0)
         model = LlamaModel(tiny_config(**overrides)).eval()
         for p in model.parameters():  # biases and norms away from their 0 / 1 start
             p.data.add_(0.1 * torch.randn_like(p))
-        c, bs = model.config, 4
-        lens = torch.tensor([3, 12, 1])
-        B, nb = len(lens), 3
-        tables = torch.arange(B * nb).view(B, nb)
-        positions = lens - 1
-        slots = tables[torch.arange(B), positions // bs] * bs + positions % bs
-        ids = torch.tensor([1, 20, 33])
-        logits = {}
-        for linear in ("torch", "triton"):
-            kv = PagedKVCache(c, B * nb, bs, torch.device("cpu"), torch.float32)
-            g = torch.Generator().manual_seed(1)
-            for i in range(c.num_hidden_layers):
-                kv.k[i].copy_(torch.randn(kv.k[i].shape, generator=g))
-                kv.v[i].copy_(torch.randn(kv.v[i].shape, generator=g))
-            step = FusedDecoder(model, kv, compile=False, attention="triton-rope", linear=linear)
-            with torch.inference_mode():
-                logits[linear] = step(ids, positions, slots, tables, lens)
+        logits = {linear: _step_logits(model, [3, 12, 1], [1, 20, 33], 4, linear=linear,
+                                       attention="triton-rope") for linear in ("torch", "triton")}
         torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
-
-    def _triton_linears_vs_plain(ctx, path: str, batch: int) -> float:
-        """Max |fast - plain| of this TP rank's logits, the fast step with the Triton products."""
-        from workbench.parallel.engine import RankWorker
-        from workbench.parallel.measure import DecodeBench, _Decoder
-        from workbench.parallel.plan import ParallelConfig
-        from workbench.parallel.replay import fused_step
-
-        par = ParallelConfig(tp=ctx.world_size)
-        bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
-                            dtype="float32")
-        worker = RankWorker.load(ctx, path, par, torch.float32)
-        with torch.inference_mode():
-            dec = _Decoder(worker, batch, bench)
-            fast = fused_step(dec, compile=False, attention="triton-rope", linear="triton")()
-            plain = dec.forward(dec.batch(dec.pos))  # [B, vocab]
-        return float((fast - plain).abs().max())
 
     def test_triton_linears_on_two_tp_ranks_equal_the_plain_step(tmp_path):
         """On tensor-parallel ranks each norm kernel adds the *summed* output of the block before
         (o_proj's and down's partial sums go through the all-reduce first): the logits are the
         plain TP step's, with biases on every projection and the vocabulary-parallel head."""
         from tests.helpers import tiny_config, write_tiny_checkpoint
+        from tests.test_parallel_fastpath import _fast_vs_plain
         from workbench.parallel.launch import launch
 
         biased = tiny_config(vocab_size=80, hidden_size=64, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              head_dim=16, qkv_bias=True, o_bias=True, mlp_bias=True)
         write_tiny_checkpoint(tmp_path, biased, seed=3)
-        diffs = launch(_triton_linears_vs_plain, 2, str(tmp_path), 3, timeout_s=300)
+        diffs = launch(_fast_vs_plain, 2, str(tmp_path), 3, "triton-rope", "triton", timeout_s=300)
         assert max(diffs) < 1e-4, diffs

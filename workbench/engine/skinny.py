@@ -147,8 +147,11 @@ if triton is not None:
         """No split where no workspace was made for one (N past SPLIT_N)."""
         return [c for c in configs if c.kwargs["SPLIT"] == 1 or named_args["N"] <= SPLIT_N]
 
+    # warmup / rep in ms: a product takes microseconds, so 20 ms of repeats is thousands of them
+    # (the default 25 / 100 ms per config made the engine's warm-up over its batch sizes long)
     _tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "BM", "ADD", "NORM", "SWIGLU"],
-                             prune_configs_by={"early_config_prune": _prune})(_skinny_kernel)
+                             prune_configs_by={"early_config_prune": _prune}, warmup=5,
+                             rep=20)(_skinny_kernel)
 
 SPLIT_N = 16384  # outputs up to this wide may split K (the workspace grows with N)
 MAX_SPLIT, MAX_BN = 4, 128
