@@ -144,6 +144,20 @@ else:
             torch.testing.assert_close(got, want[0] if add else want, rtol=1e-5, atol=1e-5)
         assert all(count.sum() == 0 for _, count in _workspaces.values())
 
+    def test_split_workspace_holds_every_config_it_allows():
+        """Each (column, split) program writes 2 BM BN + BM floats at its own place; the workspace
+        of a shape is large enough for any BN of 16-128 and up to 4 splits, and one counter per
+        column of 16-wide programs."""
+        from workbench.engine.skinny import MAX_BN, MAX_SPLIT, _workspace
+
+        for n in (20, 65, 4096, 14336):
+            for bm in (16, 32, 64):
+                part, count = _workspace(torch.device("cpu"), bm, n)
+                assert count.numel() >= -(-n // 16) and int(count.sum()) == 0
+                for bn in (16, 32, 64, MAX_BN):
+                    for split in range(2, MAX_SPLIT + 1):
+                        assert -(-n // bn) * split * (2 * bm * bn + bm) <= part.numel()
+
     def test_skinny_linear_refuses_what_it_cannot_do():
         from workbench.engine.skinny import skinny_linear
         from workbench.errors import WorkbenchError

@@ -164,11 +164,11 @@ def _workspace(device: torch.device, bm: int, n: int):
     (the first call of a shape is the autotuner's, which runs before capture)."""
     key = (device, bm, n)
     if key not in _workspaces:
-        tiles = -(-n // 16)  # the most columns of programs any config makes
-        per_tile = 2 * bm * MAX_BN + bm
-        _workspaces[key] = (torch.empty(tiles * MAX_SPLIT * per_tile, device=device,
-                                        dtype=torch.float32),
-                            torch.zeros(tiles, device=device, dtype=torch.int32))
+        # any 16 <= BN <= MAX_BN: ceil(n / BN) columns x SPLIT x (2 bm BN + bm) floats
+        # <= SPLIT bm (2 n + n / BN + 2 BN + 1)
+        floats = MAX_SPLIT * bm * (2 * n + -(-n // 16) + 2 * MAX_BN + 1)
+        _workspaces[key] = (torch.empty(floats, device=device, dtype=torch.float32),
+                            torch.zeros(-(-n // 16), device=device, dtype=torch.int32))
     return _workspaces[key]
 
 
