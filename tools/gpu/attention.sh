@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fused RoPE + KV-write + paged-attention kernel (attention="triton-rope") on one GPU. Stages (STAGES, in this
 # order; default "tests profile bench", under 10 minutes: limits 150 + 180 + 2 x 120 s):
-#   tests     tests/test_paged_gpu.py -k triton: the compiled kernels against the reference (both kernels, fp32, bf16)
+#   tests     tests/test_paged_gpu.py -k test_triton_: the compiled kernels against the reference (both kernels, fp32, bf16)
 #   profile   tools/profile_decode.py: the Llama-3.1-8B shape's decode step from a CUDA graph at batch 1 and 32,
 #             context 128, attention triton vs triton-rope (GPU time per step vs the floor, a profiler table of the
 #             faster one)
@@ -25,7 +25,7 @@ step() { echo "== $1 ($(( SECONDS - start )) s)"; }
 
 if has tests; then
     step "tests"
-    timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k triton \
+    timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k test_triton_ \
         > "$OUT/attention-tests.log" 2>&1 || fail=1
     tail -3 "$OUT/attention-tests.log"
 fi

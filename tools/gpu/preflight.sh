@@ -6,7 +6,7 @@
 #   2. bench pp --pp 2 --cuda-graphs --in-flight (2+ GPUs): a stage replayed per micro-batch, micro-batches in flight
 #      (the tokens' way back on its own communicator), each failure a row entry
 #   3. bench tp --tp 2 --symm-mem --profile (2+ GPUs): the fast path with the one-shot all-reduce, compiled
-#   4. tests/test_paged_gpu.py -k triton (any GPU): the compiled Triton kernels against the reference
+#   4. tests/test_paged_gpu.py -k test_triton_ (any GPU): the compiled Triton kernels against the reference
 # Results to $OUT: preflight.log, preflight_pp.json, preflight_tp.json, preflight-tests.log.
 # Run from the repository root: OUT=$OUT bash tools/gpu/preflight.sh
 set -u
@@ -33,7 +33,7 @@ else
     echo "one GPU: the multi-GPU checks are skipped"
 fi
 step "compiled Triton kernels"
-timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k triton \
+timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k test_triton_ \
     > "$OUT/preflight-tests.log" 2>&1 || fail=1
 tail -3 "$OUT/preflight-tests.log"
 step "done, exit $fail"
