@@ -94,30 +94,94 @@ def test_triton_rope_paged_decode_matches_rope_write_then_attend(B, H, Hkv, D, b
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M,N,K,add,norm,swiglu", [(1, 1024, 512, False, False, False),
-                                                  (32, 3072, 1024, True, True, False),
-                                                  (7, 2816, 512, True, True, True),
-                                                  (64, 512, 1408, False, False, False)])
-@pytest.mark.parametrize("config", [None, dict(BN=64, BK=128, SPLIT=4, num_stages=3)])
-def test_skinny_linear_compiled_matches_pytorch(M, N, K, add, norm, swiglu, dtype, config):
-    """The skinny product, compiled (autotuned, or K split 4 ways: the last program of each column
-    adds the partial sums other SMs left in L2), against the PyTorch reference, twice."""
-    from workbench.engine.skinny import reference, skinny_linear
+def _skinny_case(M, N, K, add, norm, bias, swiglu, dtype, seed=0):
+    """Inputs of a skinny product on the GPU and the PyTorch reference's result."""
+    from workbench.engine.skinny import reference
 
-    g = torch.Generator(device="cuda").manual_seed(M + N)
-    x = torch.randn(M, K, generator=g, device="cuda").to(dtype)
-    weight = (torch.randn(N, K, generator=g, device="cuda") / K ** 0.5).to(dtype)
-    kw = dict(add=torch.randn(M, K, generator=g, device="cuda").to(dtype) if add else None,
-              norm=(1 + 0.1 * torch.randn(K, generator=g, device="cuda")).to(dtype) if norm else None,
-              swiglu=swiglu, eps=1e-5)
-    want = reference(x, weight, **kw)
+    g = torch.Generator(device="cuda").manual_seed(M + N + seed)
+    rand = (lambda *shape: torch.randn(*shape, generator=g, device="cuda"))  # noqa: E731
+    x = rand(M, K).to(dtype)
+    weight = (rand(N, K) / K ** 0.5).to(dtype)
+    kw = dict(add=rand(M, K).to(dtype) if add else None,
+              norm=(1 + 0.1 * rand(K)).to(dtype) if norm else None,
+              bias=rand(N).to(dtype) if bias else None, swiglu=swiglu, eps=1e-5)
+    return x, weight, kw, reference(x, weight, **kw)
+
+
+def _check_skinny(got, want, add, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for _ in range(2):
-        got = skinny_linear(x, weight, config=config, **kw)
-        if add:
-            assert torch.equal(got[1], want[1])  # the residual: one rounding of x + add either way
-            got = got[0]
-        torch.testing.assert_close(got.float(), (want[0] if add else want).float(), rtol=tol,
-                                   atol=tol)
+    if add:
+        assert torch.equal(got[1], want[1])  # the residual: one rounding of x + add either way
+        got, want = got[0], want[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
+
+SKINNY_GPU = [(1, 1024, 512, False, False, True, False), (32, 3072, 1024, True, True, True, False),
+              (7, 2816, 512, True, True, False, True), (64, 512, 1408, False, False, False, False),
+              (48, 2048, 768, True, True, True, True), (33, 1024, 4096, True, True, False, False)]
+
+
+@pytest.mark.parametrize("M,N,K,add,norm,bias,swiglu,dtype", [
+    (*SKINNY_GPU[0], torch.bfloat16), (*SKINNY_GPU[1], torch.bfloat16),
+    (*SKINNY_GPU[3], torch.float32), (*SKINNY_GPU[4], torch.bfloat16),
+    (*SKINNY_GPU[4], torch.float32), (*SKINNY_GPU[5], torch.float32)])
+def test_skinny_linear_autotuned_matches_pytorch(M, N, K, add, norm, bias, swiglu, dtype):
+    """The skinny product compiled and autotuned (float32 at 33-64 rows with SwiGLU included:
+    configs too large for shared memory are pruned) against the PyTorch reference, twice."""
+    from workbench.engine.skinny import skinny_linear
+
+    x, weight, kw, want = _skinny_case(M, N, K, add, norm, bias, swiglu, dtype)
+    for _ in range(2):
+        _check_skinny(skinny_linear(x, weight, **kw), want, add, dtype)
+
+
+def _config_ids():
+    from workbench.engine.skinny import CONFIGS
+
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
+
+
+@pytest.mark.parametrize("config", _config_ids() if torch.cuda.is_available() else [None])
+@pytest.mark.parametrize("M,N,K,add,norm,bias,swiglu", [SKINNY_GPU[2], SKINNY_GPU[4]])
+def test_every_skinny_config_is_correct(config, M, N, K, add, norm, bias, swiglu):
+    """Each config the autotuner may pick, split ones included, in bf16 (whichever wins on a GPU
+    must be right): SwiGLU with the residual add and norm at 7 and 48 rows."""
+    from workbench.engine.skinny import skinny_linear
+
+    x, weight, kw, want = _skinny_case(M, N, K, add, norm, bias, swiglu, torch.bfloat16)
+    _check_skinny(skinny_linear(x, weight, config=config, **kw), want, add, torch.bfloat16)
+
+
+def test_skinny_split_k_replayed_from_a_cuda_graph():
+    """K split 4 ways, captured once and replayed 200 times on new inputs: every result right
+    (the last program of a column sees the other splits' sums), every counter back at zero."""
+    from workbench.engine.skinny import _workspaces, reference, skinny_linear
+
+    x, weight, kw, _ = _skinny_case(32, 4096, 4096, True, True, False, False, torch.bfloat16)
+    config = dict(BN=128, BK=128, SPLIT=4, num_stages=3)
+    skinny_linear(x, weight, config=config, **kw)  # warm-up: compile, workspace
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_linear(x, weight, config=config, **kw)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for i in range(200):
+        x.copy_(torch.randn(x.shape, generator=g, device="cuda"))
+        graph.replay()
+        if i % 20 == 0 or i == 199:
+            _check_skinny(out, reference(x, weight, **kw), True, torch.bfloat16)
+    torch.cuda.synchronize()
+    assert all(int(count.sum()) == 0 for _, count in _workspaces.values())
+    graph.reset()
+
+
+def test_skinny_first_call_of_a_shape_during_capture_is_a_clear_error():
+    from workbench.engine.skinny import skinny_linear
+    from workbench.errors import WorkbenchError
+
+    x = torch.randn(3, 320, device="cuda")
+    weight = torch.randn(96, 320, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(WorkbenchError, match="before capturing a CUDA graph"):
+        with torch.cuda.graph(graph):
+            skinny_linear(x, weight)

@@ -63,3 +63,50 @@ def test_without_aligned_arguments_nothing_is_pipelined():
     compiled = compile_sm90(_skinny_kernel, SIGNATURE, config.kwargs | flags, [],
                             config.num_warps, config.num_stages)
     assert compiled.asm["ttgir"].count("async_copy_global_to_local") == 0
+
+
+def _flags(variant: str, dtype: str, bm: int) -> dict:
+    return dict(ADD=variant != "plain", NORM=variant != "plain", SWIGLU=variant == "swiglu",
+                BIAS=True, IEEE=dtype == "fp32", BM=bm)
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("index,dtype,variant,bm", [
+    (0, "bf16", "plain", 16), (1, "bf16", "swiglu", 32), (6, "bf16", "norm", 32),
+    (2, "fp32", "norm", 16), (7, "bf16", "plain", 64), (-1, "fp32", "swiglu", 64)])
+def test_shared_memory_bound_against_the_compiler(index, dtype, variant, bm):
+    """smem_lower_bound, by which the autotuner's list is pruned, never exceeds what the compiler
+    lays out; the fallback config fits an SM in the largest case (float32, 64 rows, SwiGLU with
+    the residual add and norm), so that every call has a config that runs."""
+    from workbench.engine.skinny import (CONFIGS, FALLBACK, SMEM_LIMIT, _skinny_kernel,
+                                         smem_lower_bound)
+
+    config = CONFIGS[index]
+    flags = _flags(variant, dtype, bm)
+    signature = {k: v.replace("bf16", dtype) for k, v in SIGNATURE.items()}
+    compiled = compile_sm90(_skinny_kernel, signature, config.kwargs | flags, ALIGNED,
+                            config.num_warps, config.num_stages)
+    bound = smem_lower_bound(bm, config.kwargs["BN"], config.kwargs["BK"], config.num_stages,
+                             2 if dtype == "bf16" else 4, flags["ADD"], flags["SWIGLU"])
+    assert bound <= compiled.metadata.shared
+    if config is FALLBACK:
+        assert compiled.metadata.shared <= SMEM_LIMIT
+
+
+def test_the_prune_keeps_a_config_for_every_call():
+    """For every dtype, row count and variant the autotuner has the fallback and, in bfloat16,
+    larger tiles too; splits only where a workspace exists (N <= SPLIT_N)."""
+    import torch
+
+    from workbench.engine.skinny import CONFIGS, FALLBACK, SPLIT_N, _prune
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for bm in (16, 32, 64):
+            for variant in ("plain", "norm", "swiglu"):
+                flags = _flags(variant, "", bm)
+                for n in (4096, SPLIT_N + 1):
+                    kept = _prune(CONFIGS, {"X": torch.empty(0, dtype=dtype), "N": n}, **flags)
+                    assert FALLBACK in kept
+                    assert n <= SPLIT_N or all(c.kwargs["SPLIT"] == 1 for c in kept)
+                    if dtype == torch.bfloat16 and bm <= 32:
+                        assert len(kept) >= 5, (bm, variant, n)

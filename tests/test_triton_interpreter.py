@@ -168,19 +168,32 @@ else:
             skinny_linear(torch.zeros(2, 8), torch.zeros(4, 9))
         with pytest.raises(WorkbenchError, match="even number of rows"):
             skinny_linear(torch.zeros(2, 8), torch.zeros(5, 8), swiglu=True)
-        with pytest.raises(WorkbenchError, match="at most 4 splits"):
-            skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8), config=dict(BN=16, BK=16, SPLIT=8))
+        x, w = torch.zeros(2, 16), torch.zeros(4, 16)
+        for bad in (dict(BN=16, BK=16, SPLIT=8), dict(BN=8, BK=16, SPLIT=2), dict(BN=24, BK=16),
+                    dict(BN=16, BK=8)):  # the workspace has room for BN >= 16 and <= 4 splits
+            with pytest.raises(WorkbenchError, match="BN a power of two from 16 to 128"):
+                skinny_linear(x, w, config=bad)
+        with pytest.raises(WorkbenchError, match="norm must be"):
+            skinny_linear(x, w, norm=torch.ones(15))
+        with pytest.raises(WorkbenchError, match="bias"):
+            skinny_linear(x, w, bias=torch.ones(2))
+        with pytest.raises(WorkbenchError, match="every tensor must be torch.float32"):
+            skinny_linear(x, w.double())
 
     @pytest.mark.parametrize("overrides", [
         dict(head_dim=16),  # GQA, untied head
         dict(head_dim=16, num_key_value_heads=1, qkv_bias=True, o_bias=True, mlp_bias=True,
              tie_word_embeddings=True, hidden_size=48, intermediate_size=80)])
-    def test_fast_path_with_triton_linears_matches_cublas_way(overrides):
+    @pytest.mark.parametrize("tiles", [dict(BN=16, BK=64), dict(BN=16, BK=16, SPLIT=3)])
+    def test_fast_path_with_triton_linears_matches_cublas_way(overrides, tiles, monkeypatch):
         """The decode step as five kernels a layer (skinny products with the residual, norms and
-        SwiGLU inside) gives the logits of the compiled-glue step (F.linear), with biases on
-        every projection and a tied head too, at rows of different lengths."""
+        SwiGLU inside; K whole or split) gives the logits of the compiled-glue step (F.linear),
+        with biases on every projection and a tied head too, at rows of different lengths."""
         from tests.helpers import tiny_config
+        from workbench.engine import skinny
         from workbench.model.llama import LlamaModel
+
+        monkeypatch.setattr(skinny, "INTERPRETER_CONFIG", tiles)
 
         torch.manual_seed(0)
         model = LlamaModel(tiny_config(**overrides)).eval()

@@ -52,6 +52,7 @@ except ImportError:  # CPU-only installs: F.linear is used
     triton = None
 
 MAX_ROWS = 64  # rows (batch) this kernel takes; past it the product is compute-heavy: cuBLAS
+INTERPRETER_CONFIG = dict(BN=16, BK=64)  # the tiles off the GPU (Triton's interpreter, the tests)
 
 
 if triton is not None:
@@ -105,8 +106,10 @@ if triton is not None:
             tile = Part + (pid * SPLIT + split) * per_tile
             at = rm[:, None] * BN + tl.arange(0, BN)[None, :]
             tl.store(tile + at, acc)
-            tl.store(tile + BM * BN + at, up)
-            tl.store(tile + 2 * BM * BN + rm, ss)
+            if SWIGLU:
+                tl.store(tile + BM * BN + at, up)
+            if NORM:
+                tl.store(tile + 2 * BM * BN + rm, ss)
             tl.debug_barrier()  # every thread's stores before the count (released by it)
             last = tl.atomic_add(Count + pid, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
             if last:
@@ -116,8 +119,10 @@ if triton is not None:
                 for t in range(SPLIT):  # from L2 (.cg): other SMs wrote them
                     other = Part + (pid * SPLIT + t) * per_tile
                     acc += tl.load(other + at, cache_modifier=".cg")
-                    up += tl.load(other + BM * BN + at, cache_modifier=".cg")
-                    ss += tl.load(other + 2 * BM * BN + rm, cache_modifier=".cg")
+                    if SWIGLU:
+                        up += tl.load(other + BM * BN + at, cache_modifier=".cg")
+                    if NORM:
+                        ss += tl.load(other + 2 * BM * BN + rm, cache_modifier=".cg")
                 tl.store(Count + pid, 0)  # ready for the next launch (or graph replay)
         if last:
             if NORM:
@@ -135,27 +140,56 @@ if triton is not None:
 
     # Tiles tried by the autotuner, per (rows, N, K, variant): few enough that the first step of a
     # new shape compiles in seconds. BN x BK bf16 tiles of 8-32 KB, 3-5 in flight per program;
-    # K split 2-4 ways (wider tiles, so that fewer programs re-read x) where N <= SPLIT_N.
+    # K split 2-4 ways (wider tiles, so that fewer programs re-read x) where N <= SPLIT_N. The last
+    # is small enough for every variant, float32 at 64 rows with SwiGLU included (others may not fit
+    # in shared memory there: see smem_lower_bound).
     CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": split}, num_warps=warps,
                              num_stages=stages)
                for bn, bk, split, warps, stages in (
                    (16, 256, 1, 4, 4), (32, 256, 1, 4, 4), (32, 128, 1, 4, 5), (64, 128, 1, 4, 4),
                    (16, 512, 1, 4, 3), (32, 256, 1, 8, 3),
-                   (64, 256, 2, 4, 3), (128, 128, 4, 4, 3), (64, 128, 4, 4, 4))]
+                   (64, 256, 2, 4, 3), (128, 128, 4, 4, 3), (64, 128, 4, 4, 4),
+                   (32, 64, 1, 4, 3))]
+    FALLBACK = CONFIGS[-1]
 
     def _prune(configs, named_args, **kwargs):
-        """No split where no workspace was made for one (N past SPLIT_N)."""
-        return [c for c in configs if c.kwargs["SPLIT"] == 1 or named_args["N"] <= SPLIT_N]
+        """Configs that may fit this call: no split without a workspace (N past SPLIT_N), not
+        surely more shared memory than an SM has; the fallback always."""
+        elt = named_args["X"].element_size()
+        flags = {k: kwargs[k] for k in ("BM", "ADD", "SWIGLU")}
+        return [c for c in configs if c is FALLBACK or (
+            (c.kwargs["SPLIT"] == 1 or named_args["N"] <= SPLIT_N)
+            and smem_lower_bound(**flags, elt=elt, BN=c.kwargs["BN"], BK=c.kwargs["BK"],
+                                 stages=c.num_stages) <= SMEM_LIMIT)]
 
-    # warmup / rep in ms: a product takes microseconds, so 20 ms of repeats is thousands of them
-    # (the default 25 / 100 ms per config made the engine's warm-up over its batch sizes long)
-    _tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "BM", "ADD", "NORM", "SWIGLU"],
-                             prune_configs_by={"early_config_prune": _prune}, warmup=5,
-                             rep=20)(_skinny_kernel)
+    def _bench(kernel_call, quantiles):
+        """The autotuner's timing: a product takes microseconds, so 20 ms of repeats is thousands
+        of them (Triton's default 100 ms per config made the engine's warm-up long)."""
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    _tuned = triton.autotune(CONFIGS, key=["M", "N", "K", "BM", "ADD", "NORM", "BIAS", "SWIGLU"],
+                             prune_configs_by={"early_config_prune": _prune},
+                             do_bench=_bench)(_skinny_kernel)
 
 SPLIT_N = 16384  # outputs up to this wide may split K (the workspace grows with N)
 MAX_SPLIT, MAX_BN = 4, 128
-_workspaces: dict = {}  # (device, BM, N) -> (partial sums, counters): kept, as CUDA graphs use them
+SMEM_LIMIT = 227 * 1024  # shared memory one program may use on an H100 / H200 (sm_90)
+# (device, BM, N) -> (partial sums, counters): kept, as CUDA graphs use them. One per shape for all
+# streams: the kernels that share one must run one after the other (one stream, one graph at a time)
+_workspaces: dict = {}
+_warmed: set = set()  # the calls seen outside a capture: (device, dtype, M, N, K, flags)
+
+
+def smem_lower_bound(BM: int, BN: int, BK: int, stages: int, elt: int, ADD: bool,
+                     SWIGLU: bool) -> int:
+    """Shared memory one program needs at least: Triton's pipeliner keeps ``stages - 1`` buffers of
+    the x (and add) tile and of the W (and up) tile in flight (on sm_90 with 64 rows, ``stages``;
+    float32 adds a converted x tile; checked against the compiler in tests/test_triton_compile.py).
+    A config past the SM's limit by this bound cannot run and is not even compiled; one that passes
+    and still does not fit is skipped by the autotuner (Triton times it as infinitely slow), and the
+    fallback config always fits."""
+    per_stage = BM * BK * (1 + ADD) + BK * BN * (1 + SWIGLU)
+    return (stages - 1) * per_stage * elt
 
 
 def _workspace(device: torch.device, bm: int, n: int):
@@ -187,7 +221,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     returned too; ``norm`` [K] RMSNorm's weight (with ``eps``); ``swiglu``: ``weight`` is gate and
     up stacked [2 I, K] and the result is ``silu(gate) * up`` [M, I]. Returns y, or (y, x + add)
     when ``add`` is given. ``config`` (BN, BK, SPLIT, num_warps, num_stages) skips the autotuner (as on
-    the CPU, in Triton's interpreter). Float32 products are exact (no TF32)."""
+    the CPU, in Triton's interpreter). Float32 products are exact (no TF32). Every tensor has x's
+    dtype; bfloat16 or float32 (in float16, x * g is formed before the 1 / rms scale and can
+    overflow where the model's norm would not). The first call of each shape must come before any
+    CUDA graph capture (it tunes and allocates): a call first seen while capturing is an error."""
     if triton is None:
         raise WorkbenchError("skinny_linear needs Triton (a GPU install, or the interpreter)")
     M, K = x.shape
@@ -199,7 +236,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     if swiglu and weight.shape[0] % 2:
         raise WorkbenchError(f"swiglu needs gate and up stacked: an even number of rows, "
                              f"not {weight.shape[0]}")
+    if norm is not None and norm.shape != (K,) or bias is not None and bias.shape != weight.shape[:1]:
+        raise WorkbenchError(f"norm must be [{K}] and bias [{weight.shape[0]}], not "
+                             f"{None if norm is None else tuple(norm.shape)} and "
+                             f"{None if bias is None else tuple(bias.shape)}")
+    others = [t for t in (weight, add, norm, bias) if t is not None]
+    if any(t.dtype != x.dtype or t.device != x.device for t in others):
+        raise WorkbenchError(f"every tensor must be {x.dtype} on {x.device} as x is: "
+                             f"{[(t.dtype, str(t.device)) for t in others]}")
+    if weight.numel() >= 2**31:  # the kernel's offsets are 32-bit
+        raise WorkbenchError(f"weight {tuple(weight.shape)} has 2^31 elements or more")
     x, weight = x.contiguous(), weight.contiguous()
+    norm = norm.contiguous() if norm is not None else None
+    bias = bias.contiguous() if bias is not None else None
     half = weight.shape[0] // 2 if swiglu else 0
     n = half if swiglu else weight.shape[0]
     y = torch.empty(M, n, device=x.device, dtype=x.dtype)
@@ -209,6 +258,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     g = norm if norm is not None else x
     b = bias if bias is not None else x
     bm = max(16, triton.next_power_of_2(M))
+    call = (x.device, x.dtype, M, n, K, add is not None, norm is not None, bias is not None,
+            swiglu, config is None)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing() and call not in _warmed:
+        raise WorkbenchError("skinny_linear's first call of a shape tunes its tiles and makes its "
+                             "workspace: make it before capturing a CUDA graph (a warm-up call)")
     part, count = _workspace(x.device, bm, n) if n <= SPLIT_N else (y, y)
     args = (x, a, r, g, weight, b, y, part, count, M, n, K, half, x.stride(0), a.stride(0),
             r.stride(0), weight.stride(0), y.stride(0), eps)
@@ -216,17 +270,22 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
                  NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
                  IEEE=x.dtype == torch.float32)
     if config is None and x.device.type != "cuda":  # the interpreter: no timings to tune by
-        config = dict(BN=16, BK=64)
+        config = INTERPRETER_CONFIG
     if config is None:
         _tuned[lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT"])](*args, **flags)
     else:
         c = {"SPLIT": 1} | dict(config)
         warps, stages = c.pop("num_warps", 4), c.pop("num_stages", 2)
-        if c["SPLIT"] > MAX_SPLIT or c["BN"] > MAX_BN or (c["SPLIT"] > 1 and n > SPLIT_N):
-            raise WorkbenchError(f"config {config}: at most {MAX_SPLIT} splits and BN {MAX_BN}, "
-                                 f"splits only up to N = {SPLIT_N}")
+        pow2 = (lambda v: v >= 16 and v & (v - 1) == 0)  # noqa: E731
+        if (not pow2(c["BN"]) or c["BN"] > MAX_BN or not pow2(c["BK"])
+                or not 1 <= c["SPLIT"] <= MAX_SPLIT or (c["SPLIT"] > 1 and n > SPLIT_N)):
+            raise WorkbenchError(f"config {config}: BN a power of two from 16 to {MAX_BN}, BK one "
+                                 f"from 16, 1 to {MAX_SPLIT} splits, and splits only up to "
+                                 f"N = {SPLIT_N}")
         _skinny_kernel[(triton.cdiv(n, c["BN"]), c["SPLIT"])](*args, **flags, **c,
                                                               num_warps=warps, num_stages=stages)
+    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _warmed.add(call)
     return y if add is None else (y, residual)
 
 
