@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
               "workload": {"batch_sizes": list(batches), "context_len": args.context_len,
                            "steps": args.steps, "warmup": args.warmup},
               **({"fast_attention": args.fast_attention, "fast_linear": args.fast_linear}
-                 if getattr(args, "fast", False) else {}),
+                 if getattr(args, "fast", False) and device.type == "cuda" else {}),
               "results": rows, "checks": _checks(rows)}
     write_report(report, args.json)
     for r in rows:
