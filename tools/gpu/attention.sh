@@ -13,15 +13,9 @@
 # bench_tp1_triton-rope.json, decode-profile-autotune.json, attention.log.
 # Run from the repository root: OUT=$OUT bash tools/gpu/attention.sh
 set -u
-OUT=${OUT:?set OUT}
 STAGES=${STAGES:-tests profile bench}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/attention.log") 2>&1
-source tools/gpu/setup.sh || true
-has() { [[ " $STAGES " == *" $1 "* ]]; }
-fail=0
-start=$SECONDS
-step() { echo "== $1 ($(( SECONDS - start )) s)"; }
+LOG=attention.log
+source tools/gpu/stages.sh  # $OUT, the log, setup.sh, has, step, fail
 
 if has tests; then
     step "tests"

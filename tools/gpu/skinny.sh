@@ -13,15 +13,9 @@
 # Results to $OUT: skinny-tests.log, skinny-gemm.json, decode-profile-linears.json, bench_tp1_{torch,triton}.json,
 # skinny.log. Run from the repository root: OUT=$OUT bash tools/gpu/skinny.sh
 set -u
-OUT=${OUT:?set OUT}
 STAGES=${STAGES:-tests}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/skinny.log") 2>&1
-source tools/gpu/setup.sh || true
-has() { [[ " $STAGES " == *" $1 "* ]]; }
-fail=0
-start=$SECONDS
-step() { echo "== $1 ($(( SECONDS - start )) s)"; }
+LOG=skinny.log
+source tools/gpu/stages.sh  # $OUT, the log, setup.sh, has, step, fail
 
 if has tests; then
     step "tests"
