@@ -194,15 +194,24 @@ class FusedDecoder:
                 qkv, residual = qkv
             attn = rope_paged_decode(qkv, cos, sin, self.kv.k[i], self.kv.v[i], slots, tables,
                                      context_lens, H)  # [b, H, d]
-            o = self._summed(skinny_linear(attn.reshape(attn.shape[0], -1), w["w_o"]), w["b_o"])
+            o = self._row_parallel(attn.reshape(attn.shape[0], -1), w["w_o"], w["b_o"])
             act, residual = skinny_linear(residual, w["w_gate_up"], add=o, norm=w["norm2"],
                                           eps=eps, bias=w["b_gate_up"], swiglu=True)
-            out = self._summed(skinny_linear(act, w["w_down"]), w["b_down"])
+            out = self._row_parallel(act, w["w_down"], w["b_down"])
         head, norm = model.lm_head, model.norm
         if type(head) is torch.nn.Linear and isinstance(norm, RMSNorm):  # one kernel: add, norm, head
             return skinny_linear(residual, head.weight, add=out, norm=norm.weight, eps=norm.eps,
                                  bias=head.bias)[0]
         return head(norm(residual + out))  # a tensor-parallel head, or none (not the last stage)
+
+    def _row_parallel(self, x, weight, bias):
+        """o_proj or down as a skinny product: its bias inside the kernel on one device, after the
+        all-reduce on a tensor-parallel rank (added once, to the sum)."""
+        from workbench.engine.skinny import skinny_linear
+
+        if self.reduce is None:
+            return skinny_linear(x, weight, bias=bias)
+        return self._summed(skinny_linear(x, weight), bias)
 
     def _attention(self, i, w, x, residual, cos, sin, slots, tables, context_lens, mask):
         """Layer i's attention of this step: the output [b, H, d] and the residual stream."""
