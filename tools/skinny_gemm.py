@@ -12,12 +12,18 @@ product on enough distinct copies of the weight (>= 256 MB) that none is served 
 decode step where each layer's weights are read once.
 
     python tools/skinny_gemm.py --json skinny.json [--preset llama-3.1-8b] [--batches 1,32]
+
+``--device cpu`` is a dry run of the script itself (under ``TRITON_INTERPRET=1``, e.g. with
+``--preset smollm2-135m --ops qkv,o_proj,gate_up,down --batches 1,3``): eager timing, no CUDA graphs, glue not compiled, two weight copies; its
+times say nothing about a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +36,16 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="llama-3.1-8b", help="the shape: a preset's name")
 parser.add_argument("--batches", default="1,32")
 parser.add_argument("--replays", type=int, default=20)
+parser.add_argument("--ops", default="qkv,o_proj,gate_up,down,lm_head", help="products timed")
+parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
 parser.add_argument("--json", required=True)
 args = parser.parse_args()
+if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    parser.error("--device cpu runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
 
-device, dtype = torch.device("cuda"), torch.bfloat16
+device = torch.device(args.device)
+gpu = device.type == "cuda"
+dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes bf16 wrongly
 c = preset_config(args.preset)
 h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
 qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d
@@ -41,7 +53,7 @@ qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d
 OPS = {"qkv": (qkv_rows, h, True, False), "o_proj": (h, c.num_attention_heads * d, False, False),
        "gate_up": (2 * i, h, True, True), "down": (h, i, False, False),
        "lm_head": (c.vocab_size, h, True, False)}
-roof = measure_roofline(device)
+roof = measure_roofline(device, quick=not gpu)
 g = torch.Generator(device=device).manual_seed(0)
 
 
@@ -51,12 +63,19 @@ def glue(x, weight, add, norm, swiglu):
 
 
 torch._dynamo.config.recompile_limit = 64  # one version per (product, batch): 10 by default
-compiled = torch.compile(glue, dynamic=False, fullgraph=True)
+compiled = torch.compile(glue, dynamic=False, fullgraph=True) if gpu else glue
 
 
 @torch.inference_mode()
 def per_call_us(fn, copies: int) -> float:
-    """Microseconds per call of fn(j) over j = 0 .. copies - 1, from a CUDA graph."""
+    """Microseconds per call of fn(j) over j = 0 .. copies - 1, from a CUDA graph (on the CPU dry
+    run: one eager pass after a warm-up one)."""
+    if not gpu:
+        fn(0)
+        start = time.perf_counter()
+        for j in range(copies):
+            fn(j)
+        return (time.perf_counter() - start) * 1e6 / copies
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -81,9 +100,12 @@ def per_call_us(fn, copies: int) -> float:
 
 
 rows = []
-for name, (n, k, normed, swiglu) in OPS.items():
-    nbytes = n * k * 2
-    copies = max(2, -(-256 * 2**20 // nbytes))
+unknown = set(args.ops.split(",")) - set(OPS)
+if unknown:
+    parser.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
+for name, (n, k, normed, swiglu) in ((op, OPS[op]) for op in args.ops.split(",")):
+    nbytes = n * k * torch.finfo(dtype).bits // 8
+    copies = max(2, -(-256 * 2**20 // nbytes)) if gpu else 2
     weights = [(torch.randn(n, k, generator=g, device=device) / k ** 0.5).to(dtype)
                for _ in range(copies)]
     norm = (1 + 0.1 * torch.randn(k, generator=g, device=device)).to(dtype) if normed else None
@@ -120,7 +142,7 @@ for b in {r["batch"] for r in rows}:  # one layer's four products, as a decode s
                       for way in ("cublas", "cublas+glue", "skinny")} | {
                           "floor_us": sum(r["floor_us"] for r in layer)}
     print(f"batch {b}: a layer's products {totals[str(b)]}")
-report = {"hardware": detect(device).stamp(), "preset": args.preset, "dtype": "bfloat16",
+report = {"hardware": detect(device).stamp(), "preset": args.preset, "dtype": str(dtype),
           "bandwidth_GB_s": roof.bandwidth / 1e9, "rows": rows, "layer_totals_us": totals,
           # the autotuner's choice per key (M, N, K, BM, ADD, NORM, SWIGLU, dtypes...)
           "skinny_configs": {str(key): str(cfg) for key, cfg in _tuned.cache.items()}}
