@@ -135,13 +135,13 @@ def test_skinny_linear_autotuned_matches_pytorch(M, N, K, add, norm, bias, swigl
         _check_skinny(skinny_linear(x, weight, **kw), want, add, dtype)
 
 
-def _config_ids():
+def _every_config():
     from workbench.engine.skinny import CONFIGS
 
     return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
 
 
-@pytest.mark.parametrize("config", _config_ids() if torch.cuda.is_available() else [None])
+@pytest.mark.parametrize("config", _every_config() if torch.cuda.is_available() else [None])
 @pytest.mark.parametrize("M,N,K,add,norm,bias,swiglu", [SKINNY_GPU[2], SKINNY_GPU[4]])
 def test_every_skinny_config_is_correct(config, M, N, K, add, norm, bias, swiglu):
     """Each config the autotuner may pick, split ones included, in bf16 (whichever wins on a GPU

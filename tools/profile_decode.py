@@ -50,26 +50,24 @@ roof = measure_roofline(device)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 per_token = kv_bytes_per_token(model.config, torch.bfloat16)
 
-# (compile, attention[, linear]) of each fused variant; "plain" is the model's own forward. Only the variants
+# FusedDecoder's options of each fused variant; "plain" is the model's own forward. Only the variants
 # asked for are built: each holds its own fused copy of the weights (~9 GB for the 8B shape).
 VARIANTS = {
     "plain": None,
-    "fused-compiled-gather": (True, "gather"),  # SDPA eager
-    "fused-compiled-triton": (True, "triton"),
-    "fused-compiled-triton-rope": (True, "triton-rope"),
-    "fused-eager-triton": (False, "triton"),
+    "fused-compiled-gather": dict(compile=True, attention="gather"),  # SDPA eager
+    "fused-compiled-triton": dict(compile=True, attention="triton"),
+    "fused-compiled-triton-rope": dict(compile=True, attention="triton-rope"),
+    "fused-eager-triton": dict(compile=False, attention="triton"),
     # Inductor times its Triton GEMM templates against cuBLAS (and may fuse the glue into them)
-    "fused-autotune-triton-rope": ("max-autotune-no-cudagraphs", "triton-rope"),
+    "fused-autotune-triton-rope": dict(compile="max-autotune-no-cudagraphs", attention="triton-rope"),
     # the products as skinny Triton kernels with the glue inside (workbench.engine.skinny)
-    "fused-triton-linears": (True, "triton-rope", "triton"),
+    "fused-triton-linears": dict(compile=True, attention="triton-rope", linear="triton"),
 }
 names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
 unknown = [n for n in names if n not in VARIANTS]
 if unknown:
     parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-variants = {n: None if VARIANTS[n] is None else FusedDecoder(model, kv, *VARIANTS[n][:2],
-                                                              linear=(VARIANTS[n][2:] or ("torch",))[0])
-            for n in names}
+variants = {n: None if VARIANTS[n] is None else FusedDecoder(model, kv, **VARIANTS[n]) for n in names}
 
 
 def inputs(b: int, ctx: int):

@@ -57,13 +57,9 @@ roof = measure_roofline(device, quick=not gpu)
 g = torch.Generator(device=device).manual_seed(0)
 
 
-def glue(x, weight, add, norm, swiglu):
-    """The compiled-glue way (workbench.engine.fastpath): add, norm, product, SiLU x up."""
-    return reference(x, weight, add=add, norm=norm, swiglu=swiglu)
-
-
 torch._dynamo.config.recompile_limit = 64  # one version per (product, batch): 10 by default
-compiled = torch.compile(glue, dynamic=False, fullgraph=True) if gpu else glue
+# the compiled-glue way (workbench.engine.fastpath): add, norm, product, SiLU x up
+compiled = torch.compile(reference, dynamic=False, fullgraph=True) if gpu else reference
 
 
 @torch.inference_mode()
@@ -115,7 +111,7 @@ for name, (n, k, normed, swiglu) in ((op, OPS[op]) for op in args.ops.split(",")
         add = torch.randn(b, k, generator=g, device=device).to(dtype) if normed else None
         ways = {
             "cublas": lambda j: F.linear(x, weights[j]),
-            "cublas+glue": lambda j: compiled(x, weights[j], add, norm, swiglu),
+            "cublas+glue": lambda j: compiled(x, weights[j], add=add, norm=norm, swiglu=swiglu),
             "skinny": lambda j: skinny_linear(x, weights[j], add=add, norm=norm, swiglu=swiglu),
         }
         row = {"op": name, "batch": b, "weight_shape": [n, k], "weight_bytes": nbytes,

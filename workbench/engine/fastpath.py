@@ -127,6 +127,8 @@ class FusedDecoder:
             raise WorkbenchError("linear='triton' needs Triton on a GPU and attention='triton-rope' "
                                  f"(here: attention {attention!r}, device {model.device})")
         self.linear = linear
+        # rows up to which a step takes the skinny products (0: never)
+        self.skinny_rows = skinny.MAX_ROWS if linear == "triton" else 0
         self.layers = []
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -155,12 +157,10 @@ class FusedDecoder:
                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         """Logits [b, vocab] of one decode step: ids/positions/slots/context_lens [b],
         tables [b, nb] (the blocks each row attends over)."""
-        from workbench.engine.skinny import MAX_ROWS
-
         model, eps = self.model, self.config.rms_norm_eps
         x = model.embed_tokens(ids)  # [b, hidden]
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], x.dtype)  # [b, 1, d] each
-        if self.linear == "triton" and ids.shape[0] <= MAX_ROWS:
+        if ids.shape[0] <= self.skinny_rows:
             return self._skinny_step(x, cos, sin, slots, tables, context_lens)
         mask = None
         if self.attention == "gather":

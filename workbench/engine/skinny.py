@@ -260,7 +260,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     bm = max(16, triton.next_power_of_2(M))
     call = (x.device, x.dtype, M, n, K, add is not None, norm is not None, bias is not None,
             swiglu, config is None)
-    if x.is_cuda and torch.cuda.is_current_stream_capturing() and call not in _warmed:
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing and call not in _warmed:
         raise WorkbenchError("skinny_linear's first call of a shape tunes its tiles and makes its "
                              "workspace: make it before capturing a CUDA graph (a warm-up call)")
     part, count = _workspace(x.device, bm, n) if n <= SPLIT_N else (y, y)
@@ -284,7 +285,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
                                  f"N = {SPLIT_N}")
         _skinny_kernel[(triton.cdiv(n, c["BN"]), c["SPLIT"])](*args, **flags, **c,
                                                               num_warps=warps, num_stages=stages)
-    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not capturing:
         _warmed.add(call)
     return y if add is None else (y, residual)
 
