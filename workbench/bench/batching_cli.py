@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from workbench.bench.run import bench_device, write_report
+from workbench.errors import WorkbenchError
+
 
 def add_parser(bench_sub) -> None:
     b = bench_sub.add_parser("batching", help="static vs continuous, ours and transformers'")
@@ -28,6 +30,9 @@ def add_parser(bench_sub) -> None:
     b.add_argument("--chunked-prefill", action="store_true")
     b.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's own choice)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="serve the requests this many times per system, in rounds, and keep each "
+                        "system's fastest run (a shared machine's slow spells only add time)")
     b.add_argument("--json", required=True, type=Path, help="where to write the results")
     b.add_argument("--no-progress", action="store_true")
 
@@ -38,6 +43,8 @@ def run(args: argparse.Namespace) -> dict:
     from workbench.model.loading import load_model, load_tokenizer
     from workbench.workloads import anyscale, make_requests, workload
 
+    if args.repeats < 1:
+        raise WorkbenchError(f"--repeats must be >= 1, got {args.repeats}")
     device = bench_device(args)
     dtype = getattr(torch, args.dtype)
     systems = tuple(args.systems.split(",")) if args.systems else SYSTEMS
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     caps = [int(c) for c in args.caps.split(",")] if args.caps else [None]
     roofline = measure_roofline(device)
     report = {"benchmark": "batching", "hardware": detect(device).stamp(), "model": args.model,
-              "dtype": args.dtype, "date": datetime.date.today().isoformat(),
+              "dtype": args.dtype, "repeats": args.repeats, "date": datetime.date.today().isoformat(),
               "config": dataclasses.asdict(bench),
               "roofline": {"bandwidth_GB_s": roofline.bandwidth / 1e9,
                            "peak_TFLOP_s": roofline.peak_flops / 1e12},
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         requests = make_requests(spec, tokenizer, model.config.vocab_size, context)
         report["workload"].append(_describe(spec, requests))
         for row in bench_batching(model, hf_model, requests, bench, roofline,
-                                  progress=not args.no_progress):
+                                  progress=not args.no_progress, repeats=args.repeats):
             report["results"].append({"workload": spec.name, "cap": cap, **row})
     if len(caps) == 1:
         report["workload"] = report["workload"][0]
