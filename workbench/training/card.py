@@ -428,7 +428,7 @@ GPU training is not bit-for-bit deterministic, so a rerun gives a close but not 
 # ----------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.training.card",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
@@ -443,7 +443,7 @@ def main() -> None:
     parser.add_argument("--check-loss", action="store_true",
                         help="also recompute the held-out loss of the shipped weights on the CPU "
                              "(a few more minutes) and add it to the card")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from workbench.engine import SamplingParams
     from workbench.model import load_model, load_tokenizer
