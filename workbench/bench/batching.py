@@ -99,7 +99,8 @@ def run_systems(model, hf_model, requests: list[Request], bench: BatchingBench,
         raise WorkbenchError(f"repeats must be >= 1, got {repeats}")
     warm = [Request(r.prompt_ids, min(r.max_new_tokens, 4), ignore_eos=r.ignore_eos, id=r.id)
             for r in requests[:warmup_requests]]
-    runs: dict[str, SystemRun] = {}
+    fastest: dict[str, tuple] = {}
+    runs_s: dict[str, list[float]] = {system: [] for system in bench.systems}
     for round_ in range(repeats):
         for system in bench.systems:
             if warm and round_ == 0:
@@ -108,12 +109,10 @@ def run_systems(model, hf_model, requests: list[Request], bench: BatchingBench,
             traces, seconds, utilization = run_system(system, requests, bench, model, hf_model,
                                                       progress)
             _sync(model.device)
-            best = runs.get(system)
-            if best is None or seconds < best.seconds:
-                runs[system] = SystemRun(traces, seconds, utilization,
-                                         best.runs_s if best else [])
-            runs[system].runs_s.append(seconds)
-    return runs
+            runs_s[system].append(seconds)
+            if system not in fastest or seconds < fastest[system][1]:
+                fastest[system] = (traces, seconds, utilization)
+    return {system: SystemRun(*fastest[system], runs_s[system]) for system in bench.systems}
 
 
 def bench_batching(model, hf_model, requests: list[Request], bench: BatchingBench,
