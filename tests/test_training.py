@@ -120,3 +120,42 @@ def test_aligned_training_sees_end_of_text_first(tmp_path, monkeypatch):
                       align_documents=True)
     train(data, tmp_path / "model", cfg, device="cpu", progress=False)
     assert firsts[1:] == [[0] * 4] * 3  # firsts[0]: the held-out windows, not aligned
+
+
+def test_prepare_then_train_commands_make_a_model_directory(tmp_path, monkeypatch, capsys):
+    """``python -m workbench.training prepare`` then ``train`` on a tiny stand-in for the standard
+    library: the held-out file goes to the held-out split, and ``--out`` is a model directory that
+    our loader and transformers' both read."""
+    import workbench.training.__main__ as cli
+    from workbench.training.corpus import build_corpus, read_jsonl
+
+    stdlib = tmp_path / "stdlib"
+    for name in ("mod_1.py", "mod_2.py", "mod_69.py"):  # sha1 puts mod_69.py in the held-out split
+        (stdlib / name).parent.mkdir(parents=True, exist_ok=True)
+        (stdlib / name).write_text(SOURCE.replace("first", name[:-3]))
+    assert [is_held_out(n) for n in ("mod_1.py", "mod_2.py", "mod_69.py")] == [False, False, True]
+    monkeypatch.setattr(cli, "build_corpus", lambda: build_corpus(stdlib))
+    data, out = tmp_path / "corpus", tmp_path / "model"
+    cli.main(["prepare", "--out", str(data), "--vocab-size", "300", "--context", "32"])
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["held_out_files"] == ["mod_69.py"] and meta["train_documents"] == 6
+    assert [d.name for d in read_jsonl(data / "heldout.jsonl")] == ["mod_69", "Second", "third"]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    train_ids = np.load(data / "train.npy")
+    assert len(train_ids) == meta["train_tokens"] and (train_ids == meta["eos_id"]).sum() == 6
+    first_doc = train_ids[:train_ids.tolist().index(meta["eos_id"])].tolist()
+    assert tok.decode(first_doc) == read_jsonl(data / "train.jsonl")[0].text
+
+    cli.main(["train", "--data", str(data), "--out", str(out), "--device", "cpu", "--steps", "4",
+              "--batch-size", "2", "--context", "32", "--eval-every", "2", "--eval-windows", "1"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["device"] == "cpu"
+    model = load_model(out)
+    assert load_tokenizer(out).get_vocab() == tok.get_vocab()  # the tokenizer travels with it
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    x = torch.from_numpy(train_ids[:16].astype(np.int64))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ForwardBatch.prefill(x)), hf(x).logits)

@@ -38,7 +38,7 @@ def prepare(out: Path, vocab_size: int, context: int) -> None:
     print({k: v for k, v in manifest.items() if k != "held_out_files"})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,7 +54,7 @@ def main() -> None:
         t.add_argument(f"--{field.replace('_', '-')}", type=int,
                        default=TrainConfig.__dataclass_fields__[field].default)
     t.add_argument("--lr", type=float, default=TrainConfig.lr)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "prepare":
         args.out.mkdir(parents=True, exist_ok=True)
         prepare(args.out, args.vocab_size, args.context)
