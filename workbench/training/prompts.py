@@ -170,7 +170,7 @@ def build_prompts(docs: list[dict], tokenizer, max_tokens: int = MAX_PROMPT_TOKE
     return sorted(records, key=lambda r: (KINDS.index(r["kind"]), _order_key(r)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workbench.training.prompts",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=Path, default=None,
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path("build/corpus"),
                         help="the prepared corpus: meta.json is copied, heldout.npy checked "
                              "against the text (default: %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from tokenizers import Tokenizer
 
     if args.docs is None:
