@@ -1,4 +1,5 @@
-"""``bench batching``: the repeated, interleaved runs that keep a shared machine's slow spells out."""
+"""``bench batching``: repeated runs, the systems taking turns, that keep a shared machine's slow
+spells out of the comparison."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_repeats_run_in_rounds_and_keep_each_systems_fastest_run(monkeypatch):
     calls.clear()
     runs = run_systems(model, None, requests, bench, repeats=2)  # the traces are the fastest run's
     assert [t.finish_s for t in runs["workbench/static"].traces] == [2.0] * 3
-    assert runs["workbench/continuous"].seconds == 1.0 and runs["workbench/continuous"].utilization == 0.5
+    continuous_run = runs["workbench/continuous"]
+    assert continuous_run.seconds == 1.0 and continuous_run.utilization == 0.5
     with pytest.raises(WorkbenchError, match="repeats must be >= 1"):
         bench_batching(model, None, requests, bench, repeats=0)
 

@@ -150,6 +150,33 @@ def test_bench_pp_on_cpu_writes_its_rows(tmp_path, capsys):
     assert "max_bubble_abs_error" in report["checks"]
 
 
+def test_bench_tp_on_cpu_writes_its_rows(tmp_path, capsys):
+    """``bench tp`` on gloo: a row per TP size against its floor (weights per rank over the
+    measured bandwidth, plus two all-reduces a layer at their measured latency)."""
+    import json
+
+    from workbench.cli import main
+
+    out = tmp_path / "tp.json"
+    assert main(["bench", "tp", "--tp", "1,2", "--batch-sizes", "2", "--context-len", "6",
+                 "--steps", "2", "--warmup", "1", "--device", "cpu", "--cuda-graphs", "--fast",
+                 "--json", str(out)]) == 0
+    assert "need a GPU: timing the eager step only" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    one, two = sorted(report["results"], key=lambda r: r["tp"])
+    assert (one["tp"], two["tp"], one["batch"], two["batch"]) == (1, 2, 2, 2)
+    assert (one["allreduces_per_step"], two["allreduces_per_step"]) == (0, 2 * 6)  # 6 layers
+    per_rank = two["weight_bytes_per_gpu"]
+    assert one["weight_bytes_per_gpu"] / 2 < per_rank < one["weight_bytes_per_gpu"]
+    for row in (one, two):
+        weights_ms = row["weight_bytes_per_gpu"] / (row["bandwidth_GB_s"] * 1e9) * 1e3
+        comm_ms = row["allreduces_per_step"] * row["allreduce_us"] * 1e-3
+        assert row["floor_ms"] >= weights_ms + comm_ms - 1e-9
+        assert row["step_over_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"])
+        assert not any(k.startswith(("fast_", "graph_")) for k in row)  # nothing replayed here
+    assert report["checks"]["tp2_speedup_b2"] == pytest.approx(one["step_ms"] / two["step_ms"])
+
+
 def _replayed_on_cpu(ctx) -> dict:
     from workbench.parallel.measure import _replayed
 

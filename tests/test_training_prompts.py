@@ -37,7 +37,8 @@ def test_rebuilding_the_shipped_data_gives_the_same_bytes(tmp_path, monkeypatch,
     (corpus / "meta.json").write_text(json.dumps(meta | {"stdlib_root": "/build/machine/lib"}))
 
     out = {"PROMPTS_FILE": tmp_path / "p" / "prompts.jsonl",
-           "HELDOUT_FILE": tmp_path / "h" / "heldout.txt.gz", "CORPUS_FILE": tmp_path / "corpus.json"}
+           "HELDOUT_FILE": tmp_path / "h" / "heldout.txt.gz",
+           "CORPUS_FILE": tmp_path / "corpus.json"}
     shipped = {name: getattr(P, name).read_bytes() for name in out}
     for name, path in out.items():
         monkeypatch.setattr(P, name, path)

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> dict:
     caps = [int(c) for c in args.caps.split(",")] if args.caps else [None]
     roofline = measure_roofline(device)
     report = {"benchmark": "batching", "hardware": detect(device).stamp(), "model": args.model,
-              "dtype": args.dtype, "repeats": args.repeats, "date": datetime.date.today().isoformat(),
+              "dtype": args.dtype, "repeats": args.repeats,
+              "date": datetime.date.today().isoformat(),
               "config": dataclasses.asdict(bench),
               "roofline": {"bandwidth_GB_s": roofline.bandwidth / 1e9,
                            "peak_TFLOP_s": roofline.peak_flops / 1e12},
