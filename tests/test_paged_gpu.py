@@ -146,10 +146,20 @@ def _every_config():
 def test_every_skinny_config_is_correct(config, M, N, K, add, norm, bias, swiglu):
     """Each config the autotuner may pick, split ones included, in bf16 (whichever wins on a GPU
     must be right): SwiGLU with the residual add and norm at 7 and 48 rows."""
-    from workbench.engine.skinny import skinny_linear
+    from triton.runtime.errors import OutOfResources
+
+    from workbench.engine.skinny import SMEM_LIMIT, skinny_linear, smem_lower_bound
 
     x, weight, kw, want = _skinny_case(M, N, K, add, norm, bias, swiglu, torch.bfloat16)
-    _check_skinny(skinny_linear(x, weight, config=config, **kw), want, add, torch.bfloat16)
+    bm = max(16, 1 << (M - 1).bit_length())  # the kernel's BM: rows rounded up to a power of 2
+    if smem_lower_bound(bm, config["BN"], config["BK"], config["num_stages"], 2, add,
+                        swiglu) > SMEM_LIMIT:
+        pytest.skip("more shared memory than an SM has, surely: the autotuner prunes it")
+    try:
+        got = skinny_linear(x, weight, config=config, **kw)
+    except OutOfResources:  # past the bound, Triton's autotuner times it as infinitely slow
+        pytest.skip("does not fit in shared memory: the autotuner skips it")
+    _check_skinny(got, want, add, torch.bfloat16)
 
 
 def test_skinny_split_k_replayed_from_a_cuda_graph():
