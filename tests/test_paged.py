@@ -288,13 +288,15 @@ def test_fused_decode_step_equals_the_model_forward(model):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(WorkbenchError, match="attention must be auto or one of triton"):
         FusedDecoder(model, engine.kv, compile=False, attention="flash")
-    with pytest.raises(WorkbenchError, match="linear must be auto or one of torch, triton"):
+    with pytest.raises(WorkbenchError, match="linear must be auto or one of torch, triton, fastest"):
         FusedDecoder(model, engine.kv, compile=False, linear="cutlass")
     with pytest.raises(WorkbenchError, match="linear='triton' needs Triton on a GPU"):
         FusedDecoder(model, engine.kv, compile=False, attention="gather", linear="triton")
+    with pytest.raises(WorkbenchError, match="linear='fastest' needs Triton on a GPU"):
+        FusedDecoder(model, engine.kv, compile=False, linear="fastest")
     seen = []  # compile: a torch.compile mode reaches each compiled piece (GPU runs time it)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
         FusedDecoder(model, engine.kv, compile="max-autotune-no-cudagraphs", attention="gather")
         FusedDecoder(model, engine.kv, compile=True, attention="gather")
-    assert [o["mode"] for o in seen] == ["max-autotune-no-cudagraphs"] * 3 + [None] * 3
+    assert [o["mode"] for o in seen] == ["max-autotune-no-cudagraphs"] * 5 + [None] * 5

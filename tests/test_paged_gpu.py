@@ -25,21 +25,23 @@ def requests(n, seed=0, new=24):
                     ignore_eos=True, id=i) for i, k in enumerate(lengths)]
 
 
-def _with_triton_linears(monkeypatch):
-    """The engine's CUDA graphs built over FusedDecoder(linear="triton")."""
+def _with_linear(monkeypatch, linear: str):
+    """The engine's CUDA graphs built over FusedDecoder(linear=linear): "triton" (the skinny
+    products with the glue inside) or "fastest" (o_proj, down, head: skinny where timed faster)."""
     import functools
 
     from workbench.engine import fastpath
 
     monkeypatch.setattr(fastpath, "FusedDecoder",
-                        functools.partial(fastpath.FusedDecoder, linear="triton"))
+                        functools.partial(fastpath.FusedDecoder, linear=linear))
 
 
-@pytest.mark.parametrize("compile,linear", [(False, "torch"), (True, "torch"), (True, "triton")])
+@pytest.mark.parametrize("compile,linear", [(False, "torch"), (True, "torch"), (True, "triton"),
+                                            (True, "fastest")])
 @pytest.mark.parametrize("num_blocks", [None, 24])  # roomy, and tight enough to preempt
 def test_cuda_graphs_match_eager_and_alone(model, num_blocks, compile, linear, monkeypatch):
-    if linear == "triton":  # the skinny products (workbench.engine.skinny) in the fused step
-        _with_triton_linears(monkeypatch)
+    if linear != "torch":  # the skinny products (workbench.engine.skinny) in the fused step
+        _with_linear(monkeypatch, linear)
     reqs = requests(11)
     config = EngineConfig(8, 256, max_model_len=64, chunked_prefill=True, kv="paged",
                           block_size=4, num_blocks=num_blocks, cuda_graphs=True, compile=compile)
@@ -56,10 +58,11 @@ def test_cuda_graphs_match_eager_and_alone(model, num_blocks, compile, linear, m
         assert engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("compile,linear", [(False, "torch"), (True, "torch"), (True, "triton")])
+@pytest.mark.parametrize("compile,linear", [(False, "torch"), (True, "torch"), (True, "triton"),
+                                            (True, "fastest")])
 def test_bf16_graphs_agree_with_eager(compile, linear, monkeypatch):
-    if linear == "triton":
-        _with_triton_linears(monkeypatch)
+    if linear != "torch":
+        _with_linear(monkeypatch, linear)
     bf16 = load_model("bundled", "cuda", torch.bfloat16)
     reqs = requests(16, seed=1, new=16)
     base = dict(max_model_len=64, chunked_prefill=True, kv="paged", block_size=16)

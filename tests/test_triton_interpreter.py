@@ -203,6 +203,46 @@ else:
                                        attention="triton-rope") for linear in ("torch", "triton")}
         torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("skinny_wins", [True, False])
+    def test_fast_path_with_fastest_linears_matches_cublas_way(skinny_wins, monkeypatch):
+        """linear="fastest": o_proj, down_proj and the LM head take the skinny kernel where it was
+        timed faster (here: forced either way, as nothing can be timed on a CPU) and the step's
+        logits stay the compiled-glue step's, with biases everywhere and a tied head."""
+        from tests.helpers import tiny_config
+        from workbench.engine import skinny
+        from workbench.model.llama import LlamaModel
+
+        calls = []
+        real = skinny.skinny_linear
+
+        def counted(x, weight, **kw):
+            calls.append(tuple(weight.shape))
+            return real(x, weight, **kw)
+
+        monkeypatch.setattr(skinny, "skinny_linear", counted)
+        monkeypatch.setattr(skinny, "faster_than_cublas", lambda x, weight: skinny_wins)
+        torch.manual_seed(0)
+        config = tiny_config(head_dim=16, num_key_value_heads=1, qkv_bias=True, o_bias=True,
+                             mlp_bias=True, tie_word_embeddings=True, hidden_size=48,
+                             intermediate_size=80)
+        model = LlamaModel(config).eval()
+        for p in model.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+        logits = {linear: _step_logits(model, [3, 12, 1], [1, 20, 33], 4, linear=linear,
+                                       attention="triton-rope") for linear in ("torch", "fastest")}
+        torch.testing.assert_close(logits["fastest"], logits["torch"], rtol=1e-5, atol=1e-5)
+        c = model.config
+        expected = [(c.hidden_size, c.num_attention_heads * c.head_dim),  # o_proj
+                    (c.hidden_size, c.intermediate_size)] * c.num_hidden_layers  # down_proj
+        assert calls == (expected + [(c.vocab_size, c.hidden_size)] if skinny_wins else [])
+
+    def test_faster_than_cublas_says_no_off_a_gpu():
+        """Nothing can be timed on a CPU: no, and no answer kept for the shape."""
+        from workbench.engine import skinny
+
+        assert skinny.faster_than_cublas(torch.zeros(2, 16), torch.zeros(8, 16)) is False
+        assert not skinny._choices
+
     def test_triton_linears_on_two_tp_ranks_equal_the_plain_step(tmp_path):
         """On tensor-parallel ranks each norm kernel adds the *summed* output of the block before
         (o_proj's and down's partial sums go through the all-reduce first): the logits are the

@@ -20,6 +20,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from workbench.engine import skinny
 from workbench.engine.cudagraph import capture_graph, replay_ms
 from workbench.engine.fastpath import FusedDecoder
 from workbench.hardware import detect, measure_roofline
@@ -62,6 +63,8 @@ VARIANTS = {
     "fused-autotune-triton-rope": dict(compile="max-autotune-no-cudagraphs", attention="triton-rope"),
     # the products as skinny Triton kernels with the glue inside (workbench.engine.skinny)
     "fused-triton-linears": dict(compile=True, attention="triton-rope", linear="triton"),
+    # o_proj, down and the LM head as plain skinny kernels where timed faster than cuBLAS
+    "fused-fastest-linears": dict(compile=True, attention="triton-rope", linear="fastest"),
 }
 names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
 unknown = [n for n in names if n not in VARIANTS]
@@ -136,6 +139,10 @@ for b in (int(x) for x in args.profile_batches.split(",")):
     print(f"batch {b}, 5 steps:\n{tables[f'profile_batch{b}']}")
 report = {"hardware": detect(device).stamp(), "model": args.model, "dtype": "bfloat16",
           "bandwidth_GB_s": roof.bandwidth / 1e9, "weight_bytes": weights,
-          "kv_bytes_per_token": per_token, "rows": rows, "profiled_variant": best, **tables}
+          "kv_bytes_per_token": per_token, "rows": rows, "profiled_variant": best, **tables,
+          # linear="fastest": per (device, dtype, rows, N, K), whether the skinny kernel won
+          "skinny_faster_than_cublas": {str(k[2:]): v for k, v in skinny._choices.items()}}
+for key, won in report["skinny_faster_than_cublas"].items():
+    print(f"skinny vs cuBLAS, (rows, N, K) {key}: {'skinny' if won else 'cuBLAS'}")
 with open(args.json, "w") as f:
     json.dump(report, f, indent=1, default=str)

@@ -48,10 +48,13 @@ def add_parser(bench_sub) -> None:
                            choices=("auto", "triton", "triton-rope", "gather"),
                            help="the fast path's attention (auto: triton-rope on GPUs, which does "
                                 "RoPE and the KV write in the attention kernel)")
-            b.add_argument("--fast-linear", default="auto", choices=("auto", "torch", "triton"),
+            b.add_argument("--fast-linear", default="auto",
+                           choices=("auto", "torch", "triton", "fastest"),
                            help="the fast path's matrix products: torch (cuBLAS, compiled glue "
-                                "around it) or triton (one kernel per product with the residual "
-                                "add, RMSNorm and SwiGLU inside; needs triton-rope); auto: torch")
+                                "around it), triton (one kernel per product with the residual "
+                                "add, RMSNorm and SwiGLU inside; needs triton-rope) or fastest "
+                                "(torch, but o_proj, down and the LM head as skinny kernels where "
+                                "timed faster than cuBLAS); auto: torch")
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
                                 "memory (GPU, TP > 1; workbench.parallel.allreduce)")

@@ -36,7 +36,7 @@ from workbench.model.rope import rope_cos_sin
 
 
 ATTENTIONS = ("triton", "triton-rope", "gather")
-LINEARS = ("torch", "triton")
+LINEARS = ("torch", "triton", "fastest")
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,13 +83,24 @@ def gather_attention(q, k_pool, v_pool, tables, mask):
     return out[:, :, 0]
 
 
-def mlp(o, residual, norm_w, w_gate_up, b_gate_up, w_down, eps: float):
+def mlp_act(o, residual, norm_w, w_gate_up, b_gate_up, eps: float):
     """residual += o (attention's output, summed over TP ranks); h = norm(residual);
-    returns down(silu(gate h) * up h) without down's bias (a partial sum on a TP rank)."""
+    returns silu(gate h) * up h [b, I] (down_proj's input) and the residual stream."""
     residual = residual + o
     h = _rms(residual, norm_w, eps)
     gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
-    return F.linear(F.silu(gate) * up, w_down), residual
+    return F.silu(gate) * up, residual
+
+
+def mlp(o, residual, norm_w, w_gate_up, b_gate_up, w_down, eps: float):
+    """:func:`mlp_act`, then down_proj without its bias (a partial sum on a TP rank)."""
+    act, residual = mlp_act(o, residual, norm_w, w_gate_up, b_gate_up, eps)
+    return F.linear(act, w_down), residual
+
+
+def final_in(x, residual, norm_w, eps: float):
+    """The LM head's input: norm(residual + x)."""
+    return _rms(residual + x, norm_w, eps)
 
 
 class FusedDecoder:
@@ -103,7 +114,10 @@ class FusedDecoder:
     ``compile``: True, False (eager glue) or a ``torch.compile`` mode for the glue and the GEMMs
     inside it. ``linear``: "torch" (F.linear: cuBLAS on GPUs, glue compiled around it) or "triton"
     (:func:`~workbench.engine.skinny.skinny_linear`, the glue inside the products; needs the
-    "triton-rope" attention; steps of more than 64 rows take the "torch" way); "auto" is "torch".
+    "triton-rope" attention; steps of more than 64 rows take the "torch" way) or "fastest" (the
+    "torch" way, but o_proj, down_proj and the LM head each take the skinny kernel, without fused
+    glue, where :func:`~workbench.engine.skinny.faster_than_cublas` timed it faster for the step's
+    shape, before capture; needs Triton on a GPU); "auto" is "torch".
     """
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool | str = True,
@@ -126,7 +140,11 @@ class FusedDecoder:
         if linear == "triton" and (attention != "triton-rope" or not skinny.available(model.device)):
             raise WorkbenchError("linear='triton' needs Triton on a GPU and attention='triton-rope' "
                                  f"(here: attention {attention!r}, device {model.device})")
+        if linear == "fastest" and not skinny.available(model.device):
+            raise WorkbenchError(f"linear='fastest' needs Triton on a GPU (here: {model.device})")
         self.linear = linear
+        # "fastest": the products that may take the skinny kernel, and the test that decides
+        self._skinny, self._faster = skinny.skinny_linear, skinny.faster_than_cublas
         # rows up to which a step takes the skinny products (0: never)
         self.skinny_rows = skinny.MAX_ROWS if linear == "triton" else 0
         self.layers = []
@@ -152,6 +170,8 @@ class FusedDecoder:
         self.attention_in = torch.compile(attention_in, **options) if compile else attention_in
         self.qkv_in = torch.compile(qkv_in, **options) if compile else qkv_in
         self.mlp = torch.compile(mlp, **options) if compile else mlp
+        self.mlp_act = torch.compile(mlp_act, **options) if compile else mlp_act
+        self.final_in = torch.compile(final_in, **options) if compile else final_in
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -172,11 +192,27 @@ class FusedDecoder:
         for i, w in enumerate(self.layers):
             attn, residual = self._attention(i, w, x, residual, cos, sin, slots, tables,
                                              context_lens, mask)  # [b, H, d]
-            o = self._summed(F.linear(attn.reshape(attn.shape[0], -1), w["w_o"]), w["b_o"])
-            x, residual = self.mlp(o, residual, w["norm2"], w["w_gate_up"], w["b_gate_up"],
-                                   w["w_down"], eps)
+            o = self._summed(self._product(attn.reshape(attn.shape[0], -1), w["w_o"]), w["b_o"])
+            if self.linear == "fastest":
+                act, residual = self.mlp_act(o, residual, w["norm2"], w["w_gate_up"],
+                                             w["b_gate_up"], eps)
+                x = self._product(act, w["w_down"])
+            else:
+                x, residual = self.mlp(o, residual, w["norm2"], w["w_gate_up"], w["b_gate_up"],
+                                       w["w_down"], eps)
             x = self._summed(x, w["b_down"])
-        return model.lm_head(model.norm(residual + x))  # [b, vocab]
+        head, norm = model.lm_head, model.norm
+        if self.linear == "fastest" and type(head) is torch.nn.Linear and isinstance(norm, RMSNorm):
+            logits = self._product(self.final_in(x, residual, norm.weight, norm.eps), head.weight)
+            return logits if head.bias is None else logits + head.bias
+        return head(norm(residual + x))  # [b, vocab]
+
+    def _product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x W^T: cuBLAS, or with ``linear="fastest"`` the skinny kernel where it was timed faster
+        for this shape."""
+        if self.linear == "fastest" and self._faster(x, weight):
+            return self._skinny(x, weight)
+        return F.linear(x, weight)
 
     def _skinny_step(self, x, cos, sin, slots, tables, context_lens) -> torch.Tensor:
         """The step as five kernels a layer (:mod:`workbench.engine.skinny`). The residual stream

@@ -290,6 +290,31 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, add: torch.Tensor | 
     return y if add is None else (y, residual)
 
 
+_choices: dict = {}  # (device, dtype, M, N, K) -> whether the kernel beat cuBLAS there
+
+
+def faster_than_cublas(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``skinny_linear(x, weight)`` (no fusion) beats ``F.linear(x, weight)`` (cuBLAS) for
+    this shape: both timed once per (device, dtype, rows, N, K), L2 flushed before each call
+    (``triton.testing.do_bench``), the answer kept. Off a GPU, or first asked during a CUDA graph
+    capture (nothing may be timed then), the answer is no, and is not kept.
+
+    On one H200 (2026-12-05, docs/notes) the plain kernel matched or beat cuBLAS on o_proj and
+    down_proj at batch 1 and on the LM head (240.7 vs 287.8 us at batch 1), and lost on qkv and
+    gate/up at batch 32: hence a choice per shape rather than one for all."""
+    import torch.nn.functional as F
+
+    key = (x.device, x.dtype, x.shape[0], *weight.shape)
+    if key not in _choices:
+        if not x.is_cuda or x.shape[0] > MAX_ROWS or torch.cuda.is_current_stream_capturing():
+            return False
+        skinny_linear(x, weight)  # tunes the tiles first
+        ours = triton.testing.do_bench(lambda: skinny_linear(x, weight), warmup=5, rep=20)
+        theirs = triton.testing.do_bench(lambda: F.linear(x, weight), warmup=5, rep=20)
+        _choices[key] = ours < theirs
+    return _choices[key]
+
+
 def reference(x, weight, *, add=None, norm=None, eps=1e-6, bias=None, swiglu=False):
     """What :func:`skinny_linear` computes, in PyTorch as the fast path's compiled glue does it
     (the model's order of rounding; fine inside ``torch.compile``)."""
