@@ -14,6 +14,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from workbench.engine.cudagraph import capture_graph, replay_ms
 from workbench.engine.skinny import _tuned, skinny_linear
 from workbench.hardware import detect, measure_roofline
 from workbench.model.presets import preset_config
@@ -33,28 +34,17 @@ roof = measure_roofline(device)
 g = torch.Generator(device=device).manual_seed(0)
 
 
-@torch.inference_mode()
 def per_call_us(fn, copies: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    """Microseconds per call of fn(j) over j = 0 .. copies - 1, all of them in one CUDA graph."""
+    def every_copy():
         for j in range(copies):
             fn(j)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for j in range(copies):
-            fn(j)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(args.replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / copies)
+
+    with torch.inference_mode():
+        graph, _ = capture_graph(every_copy)  # one warm-up pass first: tuning, cuBLAS workspace
+        us = replay_ms(graph, args.replays) * 1e3 / copies
     graph.reset()
-    return sorted(times)[len(times) // 2]
+    return us
 
 
 rows = []

@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from workbench.engine.cudagraph import capture_graph, replay_ms
 from workbench.engine.skinny import _tuned, reference, skinny_linear
 from workbench.hardware import detect, measure_roofline
 from workbench.model.presets import preset_config
@@ -72,27 +73,17 @@ def per_call_us(fn, copies: int) -> float:
         for j in range(copies):
             fn(j)
         return (time.perf_counter() - start) * 1e6 / copies
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for j in range(copies):  # warm-up: compilation, autotuning, cuBLAS's workspace
-            fn(j)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def every_copy():
         for j in range(copies):
             fn(j)
+
+    # a warm-up pass first (compilation, autotuning, cuBLAS's workspace), then one graph of all
+    graph, _ = capture_graph(every_copy)
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(args.replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / copies)
+    us = replay_ms(graph, args.replays) * 1e3 / copies
     graph.reset()
-    return sorted(times)[len(times) // 2]
+    return us
 
 
 rows = []
