@@ -147,6 +147,10 @@ class FusedDecoder:
         self._skinny, self._faster = skinny.skinny_linear, skinny.faster_than_cublas
         # rows up to which a step takes the skinny products (0: never)
         self.skinny_rows = skinny.MAX_ROWS if linear == "triton" else 0
+        # a plain LM head after an RMSNorm: the norm's input, normalized, goes to one product (not
+        # a tensor-parallel head, nor a pipeline stage without one)
+        self.plain_head = (type(model.lm_head) is torch.nn.Linear
+                           and isinstance(model.norm, RMSNorm))
         self.layers = []
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -202,7 +206,7 @@ class FusedDecoder:
                                        w["w_down"], eps)
             x = self._summed(x, w["b_down"])
         head, norm = model.lm_head, model.norm
-        if self.linear == "fastest" and type(head) is torch.nn.Linear and isinstance(norm, RMSNorm):
+        if self.linear == "fastest" and self.plain_head:
             logits = self._product(self.final_in(x, residual, norm.weight, norm.eps), head.weight)
             return logits if head.bias is None else logits + head.bias
         return head(norm(residual + x))  # [b, vocab]
@@ -235,7 +239,7 @@ class FusedDecoder:
                                           eps=eps, bias=w["b_gate_up"], swiglu=True)
             out = self._row_parallel(act, w["w_down"], w["b_down"])
         head, norm = model.lm_head, model.norm
-        if type(head) is torch.nn.Linear and isinstance(norm, RMSNorm):  # one kernel: add, norm, head
+        if self.plain_head:  # one kernel: add, norm, head
             return skinny_linear(residual, head.weight, add=out, norm=norm.weight, eps=norm.eps,
                                  bias=head.bias)[0]
         return head(norm(residual + out))  # a tensor-parallel head, or none (not the last stage)
