@@ -77,3 +77,23 @@ def test_cli_repeats_on_the_bundled_model(tmp_path, capsys):
         continuous["output_tok_s"] / static["output_tok_s"])
     assert main(["bench", "batching", "--repeats", "0", "--json", str(out)]) == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_fastest_in_turns_without_warm_up_keeps_the_first_of_equal_runs():
+    """The helper ``bench paged`` (KV budgets) and ``bench batching`` share."""
+    from workbench.bench.run import fastest_in_turns
+
+    times = {"a": iter([2.0, 1.0, 1.0]), "b": iter([5.0, 5.0, 4.0])}
+    order = []
+
+    def run(name):
+        order.append(name)
+        return (name, len(order), next(times[name]))  # (name, call number, seconds)
+
+    best = fastest_in_turns({n: (lambda n=n: run(n)) for n in times}, seconds=lambda r: r[2],
+                            repeats=3)
+    assert order == ["a", "b"] * 3
+    assert best["a"] == (("a", 3, 1.0), [2.0, 1.0, 1.0])  # the earlier of the two 1.0 s runs
+    assert best["b"] == (("b", 6, 4.0), [5.0, 5.0, 4.0])
+    with pytest.raises(WorkbenchError, match="repeats must be >= 1"):
+        fastest_in_turns({"a": lambda: 1.0}, seconds=float, repeats=0)

@@ -10,17 +10,26 @@
 #   profile   tools/profile_decode.py: the 8B shape's decode step from a CUDA graph at batch 1 and 32, context 128,
 #             triton-rope with cuBLAS vs with the skinny products, a profiler table of the faster one
 #   bench     bench tp --tp 1 --fast --fast-linear torch|triton: the step as issue 5's TP bars time it
-# Results to $OUT: skinny-tests.log, skinny-gemm.json, decode-profile-linears.json, bench_tp1_{torch,triton}.json,
+# LINEAR=fastest (default triton) times FusedDecoder(linear="fastest") instead: cuBLAS, except o_proj, down_proj and
+# the LM head, which run the plain skinny kernel where it timed faster for the shape. In one call of under 10 minutes:
+#   LINEAR=fastest STAGES="tests profile bench"  (tests: only the "fastest" GPU tests, limit 120 s)
+# Results to $OUT: skinny-tests.log, skinny-gemm.json, decode-profile-linears.json, bench_tp1_{torch,$LINEAR}.json,
 # skinny.log. Run from the repository root: OUT=$OUT bash tools/gpu/skinny.sh
 set -u
 STAGES=${STAGES:-tests}
+LINEAR=${LINEAR:-triton}
 LOG=skinny.log
 source tools/gpu/stages.sh  # $OUT, the log, setup.sh, has, step, fail
 
 if has tests; then
     step "tests"
-    timeout 540 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py \
-        -k "skinny or (graphs and triton)" > "$OUT/skinny-tests.log" 2>&1 || fail=1
+    if [ "$LINEAR" = fastest ]; then
+        tests=(-k fastest); limit=120
+    else
+        tests=(-k "skinny or (graphs and triton)"); limit=540
+    fi
+    timeout $limit python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py "${tests[@]}" \
+        > "$OUT/skinny-tests.log" 2>&1 || fail=1
     tail -5 "$OUT/skinny-tests.log"
 fi
 
@@ -32,12 +41,12 @@ fi
 if has profile; then
     step "profile_decode"
     timeout 240 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
-        --variants fused-compiled-triton-rope,fused-triton-linears --profile-batches 32 \
+        --variants fused-compiled-triton-rope,fused-$LINEAR-linears --profile-batches 32 \
         --json "$OUT/decode-profile-linears.json" || fail=1
 fi
 
 if has bench; then
-    for linear in torch triton; do
+    for linear in torch $LINEAR; do
         step "bench tp --fast --fast-linear $linear"
         timeout 150 python -m workbench bench tp --model preset:llama-3.1-8b --tp 1 --batch-sizes 1,32 \
             --context-len 128 --steps 20 --device cuda --fast --fast-linear $linear --timeout 140 \

@@ -9,11 +9,13 @@ decode step must read every weight once: ``batch x bandwidth / weight bytes`` to
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
 
+from workbench.bench.run import fastest_in_turns
 from workbench.engine import EngineConfig, Request, SamplingParams, run_continuous, run_static
 from workbench.errors import WorkbenchError
 from workbench.metrics import summarize
@@ -90,29 +92,25 @@ def run_systems(model, hf_model, requests: list[Request], bench: BatchingBench,
                 warmup_requests: int = 4) -> dict[str, SystemRun]:
     """Serve ``requests`` with every system of ``bench``, each after a short warm-up.
 
-    ``repeats > 1`` serves them that many times with every system, in rounds (static, continuous,
-    ..., static, continuous, ...) so that a slow spell of the machine falls on both rather than on
-    one, and keeps each system's fastest run: other programs can only add time to a run, never
-    take it away, so the fastest is the least disturbed.
+    ``repeats > 1`` serves them that many times with every system, the systems taking turns, and
+    keeps each system's fastest run (:func:`workbench.bench.run.fastest_in_turns` says why).
     """
-    if repeats < 1:
-        raise WorkbenchError(f"repeats must be >= 1, got {repeats}")
     warm = [Request(r.prompt_ids, min(r.max_new_tokens, 4), ignore_eos=r.ignore_eos, id=r.id)
             for r in requests[:warmup_requests]]
-    fastest: dict[str, tuple] = {}
-    runs_s: dict[str, list[float]] = {system: [] for system in bench.systems}
-    for round_ in range(repeats):
-        for system in bench.systems:
-            if warm and round_ == 0:
-                run_system(system, warm, bench, model, hf_model)  # one-time costs out of the timing
-            _sync(model.device)
-            traces, seconds, utilization = run_system(system, requests, bench, model, hf_model,
-                                                      progress)
-            _sync(model.device)
-            runs_s[system].append(seconds)
-            if system not in fastest or seconds < fastest[system][1]:
-                fastest[system] = (traces, seconds, utilization)
-    return {system: SystemRun(*fastest[system], runs_s[system]) for system in bench.systems}
+
+    def warm_up(system):  # one-time costs (first kernels, allocations) out of the timing
+        if warm:
+            run_system(system, warm, bench, model, hf_model)
+
+    def timed(system):
+        _sync(model.device)
+        run = run_system(system, requests, bench, model, hf_model, progress)
+        _sync(model.device)
+        return run  # (traces, seconds, utilization)
+
+    runs = fastest_in_turns({s: functools.partial(timed, s) for s in bench.systems},
+                            seconds=lambda run: run[1], repeats=repeats, before_first=warm_up)
+    return {system: SystemRun(*run, runs_s) for system, (run, runs_s) in runs.items()}
 
 
 def bench_batching(model, hf_model, requests: list[Request], bench: BatchingBench,

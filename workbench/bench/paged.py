@@ -16,6 +16,7 @@ Three parts, all on the same model, device and dtype:
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from workbench.bench.batching import _sync as sync
 from workbench.bench.batching import weight_bytes
+from workbench.bench.run import fastest_in_turns
 from workbench.engine import ContinuousEngine, EngineConfig, Request, run_continuous
 from workbench.errors import WorkbenchError
 from workbench.kv.accounting import capacity_for_budget, kv_summary
@@ -192,10 +194,8 @@ def bench_budgets(model, requests, bench: PagedBench, budgets_gib: list[float],
     Both run on the same engine code (paged, CUDA graphs on a GPU) so that only the memory
     policy differs: the max-length reservation is the batch cap ``budget // (max_len x bytes)``.
     ``repeats > 1`` serves the requests that many times per policy, the two taking turns, and keeps
-    each policy's fastest run (a shared machine's slow spells only add time).
+    each policy's fastest run (:func:`workbench.bench.run.fastest_in_turns`).
     """
-    if repeats < 1:
-        raise WorkbenchError(f"repeats must be >= 1, got {repeats}")
     fast = FAST if model.device.type == "cuda" else "workbench/paged"
     max_len, rows = longest(requests), []
     for gib in budgets_gib:
@@ -205,13 +205,11 @@ def bench_budgets(model, requests, bench: PagedBench, budgets_gib: list[float],
             "max-length reservation": bench.config(fast, max_len, max_num_seqs=min(
                 cap["slots"], bench.max_num_seqs)),
             "paged": bench.config(fast, max_len, num_blocks=max(cap["blocks"], 1))}
-        fastest = {}
-        for _ in range(repeats):
-            for policy, config in configs.items():
-                run, engine = serve(model, requests, config, progress)
-                if policy not in fastest or run.seconds < fastest[policy][0].seconds:
-                    fastest[policy] = (run, engine)
-        for policy, (run, engine) in fastest.items():
+        fastest = fastest_in_turns(
+            {policy: functools.partial(serve, model, requests, config, progress)
+             for policy, config in configs.items()},
+            seconds=lambda served: served[0].seconds, repeats=repeats)
+        for policy, ((run, engine), _) in fastest.items():
             kv = kv_summary(engine.kv_history)
             if policy != "paged":  # what slots would reserve: max_len per running sequence
                 kv["real_fraction"] = sum(h["tokens"] for h in engine.kv_history) / max(

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from workbench.errors import WorkbenchError
 
@@ -27,6 +29,35 @@ BENCHMARKS = {
     "paged": "workbench.bench.paged_cli",
     "quant": "workbench.bench.quant_cli",
 }
+
+
+Run = TypeVar("Run")
+
+
+def fastest_in_turns(candidates: dict[str, Callable[[], Run]], seconds: Callable[[Run], float],
+                     repeats: int = 1, before_first: Callable[[str], None] | None = None,
+                     ) -> dict[str, tuple[Run, list[float]]]:
+    """Run every candidate ``repeats`` times, the candidates taking turns (a, b, ..., a, b, ...),
+    and keep each one's fastest run, with the seconds of all its runs.
+
+    On a shared machine (a CI runner, a cloud VM with hypervisor steal time) other work only
+    ever adds time to a run, never takes it away: taking turns lets a slow spell fall on every
+    candidate rather than on one, and the fastest run is the least disturbed. ``before_first(name)``
+    runs before a candidate's first run (a warm-up: one-time costs out of the timing).
+    """
+    if repeats < 1:
+        raise WorkbenchError(f"repeats must be >= 1, got {repeats}")
+    best: dict[str, Run] = {}
+    runs_s: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(repeats):
+        for name, run in candidates.items():
+            if round_ == 0 and before_first is not None:
+                before_first(name)
+            result = run()
+            runs_s[name].append(seconds(result))
+            if name not in best or runs_s[name][-1] < seconds(best[name]):
+                best[name] = result
+    return {name: (best[name], runs_s[name]) for name in candidates}
 
 
 def add_bench_parser(sub) -> None:
