@@ -69,11 +69,12 @@ def paged_attention_case(B: int, H: int, Hkv: int, D: int, bs: int, nb: int,
 
 def rope_attention_outputs(B: int, H: int, Hkv: int, D: int, bs: int, nb: int,
                            dtype: torch.dtype, device: str = "cpu",
-                           splits: int | None = None) -> dict:
+                           splits: int | None = None, **launch) -> dict:
     """One decode step's attention on a :func:`paged_attention_case`, two ways: "reference"
     (RoPE in PyTorch, ``write_kv``, ``paged_decode``) and "fused" (``rope_paged_decode``), each
     (output [B, H, D], k pool, v pool). The last row's new token opens a split (splits are whole
-    tiles of 32 or 64 tokens); with more rows, the first row's new token is its only one."""
+    tiles of 32 or 64 tokens); with more rows, the first row's new token is its only one.
+    ``launch``: the fused kernel's tile and compile options."""
     from workbench.engine.fastpath import _rope
     from workbench.kv.paged_triton import paged_decode, rope_paged_decode, write_kv
 
@@ -96,6 +97,7 @@ def rope_attention_outputs(B: int, H: int, Hkv: int, D: int, bs: int, nb: int,
             attn = paged_decode(_rope(q.view(B, H, D), cos, sin), k_pool, v_pool, tables, lens,
                                 splits)
         else:
-            attn = rope_paged_decode(qkv, cos, sin, k_pool, v_pool, slots, tables, lens, H, splits)
+            attn = rope_paged_decode(qkv, cos, sin, k_pool, v_pool, slots, tables, lens, H, splits,
+                                     **launch)
         out[way] = (attn, k_pool, v_pool)
     return out

@@ -69,6 +69,15 @@ else:
         for got, want in zip(pools["fused"], pools["reference"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    @pytest.mark.parametrize("tile,splits", [(16, None), (16, 1), (64, 2)])
+    def test_rope_paged_decode_with_another_tile(tile, splits):
+        """The fused kernel's tile (tokens per iteration) is a launch choice only: 16 or 64
+        tokens give the reference's output and pools (tools/attention_configs.py times them)."""
+        pools = rope_attention_outputs(3, 8, 2, 32, 8, 9, torch.float32, splits=splits,
+                                       tile=tile, num_warps=2)
+        for got, want in zip(pools["fused"], pools["reference"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
     def test_write_kv_stores_each_row_at_its_slot():
         g = torch.Generator().manual_seed(0)
         k_pool, v_pool = torch.zeros(6, 4, 2, 16), torch.zeros(6, 4, 2, 16)  # 24 slots

@@ -9,7 +9,9 @@
 #   autotune  (not in the default list; a second call: STAGES=autotune, limit 420 s) profile_decode again with
 #             triton-rope compiled in Inductor's max-autotune mode (the GEMMs inside the compiled pieces timed as
 #             Triton templates against cuBLAS) beside the default mode
-# Results to $OUT: attention-tests.log, decode-profile-attention.json, bench_tp1_triton.json,
+#   configs   (not in the default list; STAGES=configs, limit 300 s) tools/attention_configs.py: the kernel's launch
+#             choices (splits x tile x warps x stages) per layer at batch 1 and 32, context 128, against the default
+# Results to $OUT: attention-configs.json, attention-tests.log, decode-profile-attention.json, bench_tp1_triton.json,
 # bench_tp1_triton-rope.json, decode-profile-autotune.json, attention.log.
 # Run from the repository root: OUT=$OUT bash tools/gpu/attention.sh
 set -u
@@ -45,6 +47,11 @@ if has autotune; then
     timeout 420 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
         --variants fused-compiled-triton-rope,fused-autotune-triton-rope --profile-batches 32 \
         --json "$OUT/decode-profile-autotune.json" || fail=1
+fi
+if has configs; then
+    step "attention_configs"
+    timeout 300 python tools/attention_configs.py --batches 1,32 --context 128 --max-seconds 270 \
+        --json "$OUT/attention-configs.json" || fail=1
 fi
 step "done, exit $fail"
 exit $fail

@@ -174,7 +174,7 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
 def rope_paged_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                       tables: torch.Tensor, lens: torch.Tensor, heads: int,
-                      splits: int | None = None) -> torch.Tensor:
+                      splits: int | None = None, **launch) -> torch.Tensor:
     """:func:`paged_decode` with RoPE and the KV write done by the same kernel.
 
     qkv [B, (H + 2 Hkv) d] is the projection before RoPE; cos/sin [B, d] the angles of each row's
@@ -183,22 +183,27 @@ def rope_paged_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     program whose split holds position ``lens - 1`` writes the new key and value there and adds
     them to its softmax from registers - three launches of small kernels per layer fewer (RoPE of
     q and of k, the write), and with one split no combine pass. Returns [B, H, d].
+    ``launch``: ``tile``, ``num_warps``, ``num_stages`` of the split kernel instead of the defaults
+    (tools/attention_configs.py times them).
     """
     qkv = qkv.contiguous()
     Hkv, D = k_pool.shape[2], k_pool.shape[3]
     assert qkv.shape[1] == (heads + 2 * Hkv) * D, (qkv.shape, heads, Hkv, D)
     cos, sin = cos.reshape(-1, D).contiguous(), sin.reshape(-1, D).contiguous()  # [B, d]
     return _attend(qkv, heads, D, k_pool, v_pool, tables, lens, splits,
-                   fused=(cos, sin, slots, heads * D, (heads + Hkv) * D))
+                   fused=(cos, sin, slots, heads * D, (heads + Hkv) * D), **launch)
 
 
-def _attend(q, H, s_qh, k_pool, v_pool, tables, lens, splits, fused=None) -> torch.Tensor:
+def _attend(q, H, s_qh, k_pool, v_pool, tables, lens, splits, fused=None, tile=None,
+            **compile_options) -> torch.Tensor:
     """Launch the split kernel (and the combine kernel unless one split went straight to the
-    output): ``q`` rows of stride ``q.stride(0)``, head h's query at ``h * s_qh``."""
+    output): ``q`` rows of stride ``q.stride(0)``, head h's query at ``h * s_qh``.
+    ``compile_options`` (num_warps, num_stages) go to the split kernel's launch."""
     B, D = q.shape[0], k_pool.shape[3]
     block, Hkv = k_pool.shape[1], k_pool.shape[2]
     nb = tables.shape[1]
-    tile = 64 if D <= 64 else 32  # tokens per iteration (several blocks, one tensor-core tile)
+    # tokens per iteration (several blocks, one tensor-core tile)
+    tile = tile or (64 if D <= 64 else 32)
     splits = splits or num_splits(B, Hkv, -(-nb * block // tile), direct=fused is not None)
     per_split = -(-(nb * block) // (splits * tile)) * tile  # tokens per split, whole tiles
     group = H // Hkv
@@ -218,7 +223,7 @@ def _attend(q, H, s_qh, k_pool, v_pool, tables, lens, splits, fused=None) -> tor
         cos, sin, slots, out, cos.stride(0), out.stride(0), out.stride(1), k_off, v_off,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK=block, D=D,
         TILE=tile, PER_SPLIT=per_split, IEEE=q.dtype == torch.float32, FUSED=fused is not None,
-        DIRECT=direct)
+        DIRECT=direct, **compile_options)
     if not direct:
         _combine_kernel[(B, H)](m, l, acc, out, m.stride(0), m.stride(1), acc.stride(0),
                                 acc.stride(1), acc.stride(2), out.stride(0), out.stride(1),
