@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
+
 from helpers import torch_threads
 from workbench.cli import main
 
@@ -15,7 +17,7 @@ def test_cli_writes_throughput_batch1_and_budget_sweep(tmp_path, capsys):
     with torch_threads(1):
         rc = main(["bench", "paged", "--workload", "natural", "--num-requests", "4",
                    "--systems", "workbench/paged,workbench/contiguous", "--max-num-seqs", "4",
-                   "--batch1-tokens", "8", "--budgets", "0.002", "--threads", "1",
+                   "--batch1-tokens", "8", "--budgets", "0.002", "--repeats", "2", "--threads", "1",
                    "--no-progress", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -38,8 +40,16 @@ def test_cli_writes_throughput_batch1_and_budget_sweep(tmp_path, capsys):
     assert reserved["tokens"] == paged_kv["tokens"] and reserved["peak_running"] == 1
     assert paged_kv["peak_running"] > reserved["peak_running"]
     assert paged_kv["real_fraction"] > 0.9 > reserved["real_fraction"]
+    # two runs of each policy; the throughput reported is the fastest run's (all the workload's
+    # useful tokens over its seconds)
+    assert report["repeats"] == 2
+    for row in (reserved, paged_kv):
+        assert len(row["runs_s"]) == 2
+        assert row["output_tok_s"] * min(row["runs_s"]) == pytest.approx(paged["total_output_tokens"])
     capsys.readouterr()
     assert main(["bench", "paged", "--budgets", "x", "--json", str(out)]) == 2
     assert "--budgets must be numbers in GiB" in capsys.readouterr().err
     assert main(["bench", "paged", "--systems", "foo", "--json", str(out)]) == 2
     assert "unknown systems ['foo']" in capsys.readouterr().err
+    assert main(["bench", "paged", "--repeats", "0", "--json", str(out)]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err

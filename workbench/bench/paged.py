@@ -209,7 +209,7 @@ def bench_budgets(model, requests, bench: PagedBench, budgets_gib: list[float],
             {policy: functools.partial(serve, model, requests, config, progress)
              for policy, config in configs.items()},
             seconds=lambda served: served[0].seconds, repeats=repeats)
-        for policy, ((run, engine), _) in fastest.items():
+        for policy, ((run, engine), runs_s) in fastest.items():
             kv = kv_summary(engine.kv_history)
             if policy != "paged":  # what slots would reserve: max_len per running sequence
                 kv["real_fraction"] = sum(h["tokens"] for h in engine.kv_history) / max(
@@ -217,5 +217,6 @@ def bench_budgets(model, requests, bench: PagedBench, budgets_gib: list[float],
             rows.append({"budget_gib": gib, "policy": policy, **cap,
                          "output_tok_s": summarize(run.traces, run.seconds)["output_tok_s"],
                          "real_fraction": kv["real_fraction"], "peak_running": kv["peak_running"],
-                         "mean_running": kv["mean_running"], "preemptions": kv["preemptions"]})
+                         "mean_running": kv["mean_running"], "preemptions": kv["preemptions"],
+                         **({"runs_s": runs_s} if repeats > 1 else {})})
     return rows

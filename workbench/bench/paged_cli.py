@@ -30,6 +30,9 @@ def add_parser(bench_sub) -> None:
                    help="tokens decoded in the batch-1 test (0: skip it)")
     b.add_argument("--budgets", default="",
                    help="comma-separated KV budgets in GiB for the sweep (empty: skip it)")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="runs per budget and policy in the sweep, the policies taking turns; "
+                        "each one's fastest is reported")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     b.add_argument("--json", required=True, type=Path, help="where to write the results")
     b.add_argument("--no-progress", action="store_true")
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> dict:
     from workbench.model.loading import load_model, load_tokenizer
     from workbench.workloads import make_requests, workload
 
+    if args.repeats < 1:
+        raise WorkbenchError(f"--repeats must be >= 1, got {args.repeats}")
     device = bench_device(args)
     try:
         budgets = [float(x) for x in args.budgets.split(",") if x.strip()]
@@ -81,7 +86,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"batch 1 {row['system']:<24} {row['decode_tok_s']:8.1f} tok/s = "
                   f"{row['fraction_of_limit']:6.1%} of {row['limit_tok_s']:.0f}")
     if budgets:
-        report["budgets"] = bench_budgets(model, requests, bench, budgets, progress)
+        report["repeats"] = args.repeats
+        report["budgets"] = bench_budgets(model, requests, bench, budgets, progress, args.repeats)
         for row in report["budgets"]:
             print(f"{row['budget_gib']:5.2f} GiB {row['policy']:<24} peak batch "
                   f"{row['peak_running']:4d} real {row['real_fraction']:6.1%} "
