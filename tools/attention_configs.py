@@ -39,7 +39,11 @@ parser.add_argument("--max-seconds", type=float, default=240,
 parser.add_argument("--json", required=True)
 args = parser.parse_args()
 
-ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 device, dtype = torch.device("cuda"), torch.bfloat16
 c = preset_config(args.model)
 H, Hkv, D, layers = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.num_hidden_layers
