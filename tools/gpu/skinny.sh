@@ -12,7 +12,8 @@
 #   bench     bench tp --tp 1 --fast --fast-linear torch|triton: the step as issue 5's TP bars time it
 # LINEAR=fastest (default triton) times FusedDecoder(linear="fastest") instead: cuBLAS, except o_proj, down_proj and
 # the LM head, which run the plain skinny kernel where it timed faster for the shape. In one call of under 10 minutes:
-#   LINEAR=fastest STAGES="tests profile bench"  (tests: only the "fastest" GPU tests, limit 120 s)
+#   LINEAR=fastest STAGES="tests profile bench"  (tests: only the "fastest" GPU tests, limit 120 s);
+# PROFILE_BATCHES (default 32): the batches the profiler table is made for, e.g. 1,32
 # Results to $OUT: skinny-tests.log, skinny-gemm.json, decode-profile-linears.json, bench_tp1_{torch,$LINEAR}.json,
 # skinny.log. Run from the repository root: OUT=$OUT bash tools/gpu/skinny.sh
 set -u
@@ -41,7 +42,7 @@ fi
 if has profile; then
     step "profile_decode"
     timeout 240 python tools/profile_decode.py --model preset:llama-3.1-8b --batches 1,32 --contexts 128 \
-        --variants fused-compiled-triton-rope,fused-$LINEAR-linears --profile-batches 32 \
+        --variants fused-compiled-triton-rope,fused-$LINEAR-linears --profile-batches ${PROFILE_BATCHES:-32} \
         --json "$OUT/decode-profile-linears.json" || fail=1
 fi
 
