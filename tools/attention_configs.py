@@ -5,6 +5,9 @@ layer's keys and values are still in L2), against the default choice and against
 the keys and values once at the measured bandwidth. Each config's output is checked against the
 default's. A diagnostic for issue 5's batch-32 step (the kernel took about 11 us a layer where its
 keys and values take about 4 us to read; bench/results/decode-profile-attention-*_h200_*.json).
+Time it at the context of the step that matters: ``bench tp --context-len 128 --steps 20`` times its
+fused step with 152 tokens a row (10 blocks of 16), where a tile that fits 128 tokens exactly lost
+(bench/results/tp1-attention-tile-*_h200_2026-12-05.json).
 
     python tools/attention_configs.py --json OUT.json [--batches 1,32] [--context 128]
         [--splits 1,2,4,8] [--tiles 16,32,64] [--warps 2,4,8] [--stages 1,2,3] [--max-seconds 240]
@@ -123,7 +126,7 @@ for B in ints(args.batches):
     del data
     torch.cuda.empty_cache()
 
-report = {"hardware": detect(device), "model": f"preset:{args.model}", "dtype": "bfloat16",
+report = {"hardware": detect(device).stamp(), "model": f"preset:{args.model}", "dtype": "bfloat16",
           "context": args.context, "block_size": bs, "bandwidth_GB_s": roof.bandwidth / 1e9,
           "complete": done, "rows": rows}
 with open(args.json, "w") as f:

@@ -10,7 +10,8 @@
 #             triton-rope compiled in Inductor's max-autotune mode (the GEMMs inside the compiled pieces timed as
 #             Triton templates against cuBLAS) beside the default mode
 #   configs   (not in the default list; STAGES=configs, limit 300 s) tools/attention_configs.py: the kernel's launch
-#             choices (splits x tile x warps x stages) per layer at batch 1 and 32, context 128, against the default
+#             choices (splits x tile x warps x stages) per layer at batch 1 and 32, 152 tokens a row (bench tp's
+#             timed step at --context-len 128), against the default
 # Results to $OUT: attention-configs.json, attention-tests.log, decode-profile-attention.json, bench_tp1_triton.json,
 # bench_tp1_triton-rope.json, decode-profile-autotune.json, attention.log.
 # Run from the repository root: OUT=$OUT bash tools/gpu/attention.sh
@@ -50,7 +51,7 @@ if has autotune; then
 fi
 if has configs; then
     step "attention_configs"
-    timeout 300 python tools/attention_configs.py --batches 1,32 --context 128 --max-seconds 270 \
+    timeout 300 python tools/attention_configs.py --batches 1,32 --context 152 --max-seconds 270 \
         --json "$OUT/attention-configs.json" || fail=1
 fi
 step "done, exit $fail"
