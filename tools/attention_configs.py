@@ -91,6 +91,8 @@ def per_layer_us(B, data, **launch) -> tuple[float, torch.Tensor]:
 
 rows, done = [], True
 for B in ints(args.batches):
+    if not done:  # --max-seconds reached: no batch's default timed without its configs
+        break
     data = case(B)
     kv_read_us = B * (args.context - 1) * Hkv * D * 2 * 2 / roof.bandwidth * 1e6
     tile0 = 64 if D <= 64 else 32
