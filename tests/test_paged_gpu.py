@@ -198,3 +198,23 @@ def test_skinny_first_call_of_a_shape_during_capture_is_a_clear_error():
     with pytest.raises(WorkbenchError, match="before capturing a CUDA graph"):
         with torch.cuda.graph(graph):
             skinny_linear(x, weight)
+
+
+def test_graph_call_us_times_the_calls_and_keeps_the_output():
+    """The GPU timing tools' helper: one graph of several calls, a positive time per call that
+    shrinks per call as more calls share one graph's launch, and the captured output still right
+    after the graph is released."""
+    from workbench.engine.cudagraph import graph_call_us
+
+    a = torch.randn(1024, 1024, device="cuda")
+    b = torch.randn(1024, 1024, device="cuda")
+
+    def products(n):
+        return lambda: [a @ b for _ in range(n)]
+
+    one_us, outs = graph_call_us(products(1), 1, replays=20)
+    torch.testing.assert_close(outs[0], a @ b)
+    many_us, outs = graph_call_us(products(16), 16, replays=20)
+    assert len(outs) == 16 and 0 < many_us
+    torch.testing.assert_close(outs[-1], a @ b)
+    assert 0 < one_us and many_us < 2 * one_us  # per call, not per graph

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from workbench.engine.cudagraph import capture_graph, replay_ms
+from workbench.engine.cudagraph import graph_call_us
 from workbench.hardware import detect, measure_roofline
 from workbench.kv.paged_triton import num_splits, rope_paged_decode
 from workbench.model.presets import preset_config
@@ -82,10 +82,7 @@ def per_layer_us(B, data, **launch) -> tuple[float, torch.Tensor]:
         return [rope_paged_decode(qkv, cos, sin, k, v, slots, tables, lens, H, **launch)
                 for k, v in pools]
 
-    with torch.inference_mode():
-        graph, outs = capture_graph(step)
-        us = replay_ms(graph, args.replays) * 1e3 / layers
-    graph.reset()
+    us, outs = graph_call_us(step, layers, args.replays)
     return us, outs[0].clone()
 
 

@@ -14,7 +14,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from workbench.engine.cudagraph import capture_graph, replay_ms
+from workbench.engine.cudagraph import graph_call_us
 from workbench.engine.skinny import _tuned, skinny_linear
 from workbench.hardware import detect, measure_roofline
 from workbench.model.presets import preset_config
@@ -40,11 +40,7 @@ def per_call_us(fn, copies: int) -> float:
         for j in range(copies):
             fn(j)
 
-    with torch.inference_mode():
-        graph, _ = capture_graph(every_copy)  # one warm-up pass first: tuning, cuBLAS workspace
-        us = replay_ms(graph, args.replays) * 1e3 / copies
-    graph.reset()
-    return us
+    return graph_call_us(every_copy, copies, args.replays)[0]
 
 
 rows = []

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from workbench.engine.cudagraph import capture_graph, replay_ms
+from workbench.engine.cudagraph import graph_call_us
 from workbench.engine.skinny import _tuned, reference, skinny_linear
 from workbench.hardware import detect, measure_roofline
 from workbench.model.presets import preset_config
@@ -78,12 +78,7 @@ def per_call_us(fn, copies: int) -> float:
         for j in range(copies):
             fn(j)
 
-    # a warm-up pass first (compilation, autotuning, cuBLAS's workspace), then one graph of all
-    graph, _ = capture_graph(every_copy)
-    graph.replay()
-    us = replay_ms(graph, args.replays) * 1e3 / copies
-    graph.reset()
-    return us
+    return graph_call_us(every_copy, copies, args.replays)[0]
 
 
 rows = []

@@ -64,6 +64,19 @@ def replay_ms(graph: "torch.cuda.CUDAGraph", replays: int = 50) -> float:
     return statistics.median(times)
 
 
+def graph_call_us(fn, calls: int, replays: int = 50) -> tuple[float, object]:
+    """Microseconds per call of what ``fn`` runs ``calls`` times (once per weight copy, once per
+    layer...): ``fn`` captured in one CUDA graph after a warm-up run (compilation, autotuning,
+    cuBLAS's workspace), replayed once more, then ``replays`` times (median); the graph is released
+    before returning. Also returns what the captured call returned (still valid after the release)."""
+    with torch.inference_mode():
+        graph, out = capture_graph(fn)
+        graph.replay()
+        us = replay_ms(graph, replays) * 1e3 / calls
+    graph.reset()
+    return us, out
+
+
 class DecodeGraphs:
     """CUDA graphs of the decode-only step for every (batch, blocks) bucket; ``run`` replays one."""
 
