@@ -201,8 +201,8 @@ def test_skinny_first_call_of_a_shape_during_capture_is_a_clear_error():
 
 
 def test_graph_call_us_times_the_calls_and_keeps_the_output():
-    """The GPU timing tools' helper: one graph of several calls, a positive time per call that
-    shrinks per call as more calls share one graph's launch, and the captured output still right
+    """The GPU timing tools' helper: one graph of several calls timed per call (16 products in one
+    graph take about 16 times one product's time, not one), and the captured output still right
     after the graph is released."""
     from workbench.engine.cudagraph import graph_call_us
 
