@@ -78,11 +78,11 @@ def per_layer_us(B, data, **launch) -> tuple[float, torch.Tensor]:
     output."""
     pools, tables, lens, slots, qkv, cos, sin = data
 
-    def step():
-        return [rope_paged_decode(qkv, cos, sin, k, v, slots, tables, lens, H, **launch)
-                for k, v in pools]
+    def layer(j):
+        k, v = pools[j]
+        return rope_paged_decode(qkv, cos, sin, k, v, slots, tables, lens, H, **launch)
 
-    us, outs = graph_call_us(step, layers, args.replays)
+    us, outs = graph_call_us(layer, layers, args.replays)
     return us, outs[0].clone()
 
 

@@ -74,11 +74,7 @@ def per_call_us(fn, copies: int) -> float:
             fn(j)
         return (time.perf_counter() - start) * 1e6 / copies
 
-    def every_copy():
-        for j in range(copies):
-            fn(j)
-
-    return graph_call_us(every_copy, copies, args.replays)[0]
+    return graph_call_us(fn, copies, args.replays)[0]
 
 
 rows = []

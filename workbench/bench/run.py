@@ -19,6 +19,9 @@ from typing import TypeVar
 
 from workbench.errors import WorkbenchError
 
+# where the committed results live (a checkout's bench/results/): notebooks and reports read them from here
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+
 # benchmark name -> module holding its ``add_parser`` and ``run``
 BENCHMARKS = {
     "batching": "workbench.bench.batching_cli",

@@ -64,17 +64,17 @@ def replay_ms(graph: "torch.cuda.CUDAGraph", replays: int = 50) -> float:
     return statistics.median(times)
 
 
-def graph_call_us(fn, calls: int, replays: int = 50) -> tuple[float, object]:
-    """Microseconds per call of what ``fn`` runs ``calls`` times (once per weight copy, once per
-    layer...): ``fn`` captured in one CUDA graph after a warm-up run (compilation, autotuning,
+def graph_call_us(fn, calls: int, replays: int = 50) -> tuple[float, list]:
+    """Microseconds per call of ``fn(j)`` over j = 0 .. calls - 1 (one call per weight copy, per
+    layer...): all the calls captured in one CUDA graph after a warm-up run (compilation, autotuning,
     cuBLAS's workspace), replayed once more, then ``replays`` times (median); the graph is released
-    before returning. Also returns what the captured call returned (still valid after the release)."""
+    before returning. Also returns the calls' results (still valid after the release)."""
     with torch.inference_mode():
-        graph, out = capture_graph(fn)
+        graph, outs = capture_graph(lambda: [fn(j) for j in range(calls)])
         graph.replay()
         us = replay_ms(graph, replays) * 1e3 / calls
     graph.reset()
-    return us, out
+    return us, outs
 
 
 class DecodeGraphs:

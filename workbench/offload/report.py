@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from workbench.bench.run import RESULTS_DIR as RESULTS
 from workbench.model.config import ModelConfig
 from workbench.offload.cost import Calibration, _layer_params
 from workbench.offload.fit import FREE, fit_calibration, leave_one_out, measured_step, policy_of
 from workbench.offload.memory import RUNTIME_CUDA, plan_memory
 
-RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 # The first H100 run (its peaks broke the budget; notebook 06 diagnoses it) and the second, after the fixes.
 FIRST_RUN = RESULTS / "offload-llama-3.1-8b_h100_2026-11-27-run1.json"
 GPU_REPORT = RESULTS / "offload-llama-3.1-8b_h100_2026-11-27-run2.json"
