@@ -49,6 +49,28 @@ def test_a_failing_rank_stops_the_job(tmp_path, action, expected):
     _assert_gone(tmp_path, 3)
 
 
+def _a_tensor(ctx):
+    return torch.full((3,), float(ctx.rank), dtype=torch.bfloat16)
+
+
+def test_ranks_can_return_tensors():
+    # by value: a shared-memory handle would die with the rank before the parent opened it
+    out = launch(_a_tensor, 2, timeout_s=60)
+    assert [t.tolist() for t in out] == [[0.0] * 3, [1.0] * 3] and out[0].dtype == torch.bfloat16
+
+
+def test_gloo_ranks_may_share_a_gpu_nccl_ranks_may_not(monkeypatch):
+    from workbench.parallel.launch import _resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    assert _resolve("cuda", "gloo", 3) == (torch.device("cuda", 1), "gloo")
+    assert _resolve("cuda", "auto", 1) == (torch.device("cuda", 1), "nccl")
+    with pytest.raises(WorkbenchError, match="share GPUs over gloo, not NCCL"):
+        _resolve("cuda", "auto", 2)
+
+
 def test_bad_arguments():
     with pytest.raises(WorkbenchError, match="world_size"):
         launch(_one_rank_dies, 0)

@@ -4,7 +4,9 @@
 #   On 4 GPUs (nvidia-h100-x4 or 4 x H200), from the repository root:   OUT=$OUT bash tools/gpu/parallel.sh
 #   CPU smoke test (2 gloo ranks, bundled model):  DEVICE=cpu SMOKE=1 OUT=/tmp/x PYTHON=.venv/bin/python bash tools/gpu/parallel.sh
 #
-# Writes to $OUT (up to 8 files):
+# Writes to $OUT (up to 9 files: more than one device call returns, see below):
+#   bench_agree.json      bench agree: the bundled model's bf16 logits on TP 2/4, PP 2/4 and TP 2 x PP 2 against one
+#                         device, within twice one device's own bf16 error (issue 5's bf16 correctness bar)
 #   bench_tp.json         bench tp: Llama-3.1-8B shape, bf16 random weights, TP 1/2/4, batch 1 and 32,
 #                         decode step vs floor (weight bytes per GPU / measured bandwidth + 2 all-reduces
 #                         per layer at their measured latency), communication share
@@ -21,10 +23,10 @@
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
 #   parallel.log          everything printed
 # Every stage has a timeout (the launcher stops all ranks if one fails or hangs). BENCHES picks the benchmark
-# stages (default "tp tp-graphs pp pp-graphs"; also tp-symm; run in the order tp, tp-graphs, tp-symm, pp,
-# pp-graphs; " " for none), NOTEBOOKS the notebooks (default 04 and 05; " " for none). The default stage limits
-# add up to 860 s, more than one device call (600 s): run
-#   BENCHES="tp tp-graphs" NOTEBOOKS=" "   (390 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks)
+# stages (default "agree tp tp-graphs pp pp-graphs"; also tp-symm; run in the order agree, tp, tp-graphs, tp-symm,
+# pp, pp-graphs; " " for none), NOTEBOOKS the notebooks (default 04 and 05; " " for none). The default stage limits
+# add up to 950 s, more than one device call (600 s): run
+#   BENCHES="agree tp tp-graphs" NOTEBOOKS=" "   (480 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks)
 # and BENCHES=tp-symm NOTEBOOKS=" " (240 s) for the one-shot all-reduce.
 # The tp-graphs stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
 set -u
@@ -52,16 +54,23 @@ else
     MODEL=preset:llama-3.1-8b; TP=1,2,4; PP=1,2,4; MB=1,2,4,8; BS=1,32; PPBS=32; STEPS=${STEPS:-20}; CTX=128; NBSMOKE=False
     if [ "$RANKS" -lt 4 ]; then TP=1,2; PP=1,2; fi
 fi
+GRIDS=TP2,PP2,TP2+vocab  # bench agree (the bundled model: a preset's ranks draw different random shards)
+if [ "$RANKS" -ge 4 ]; then GRIDS=TP2,TP4,PP2,PP4,TP2xPP2,TP4+vocab; fi
 # Per-stage limits (seconds); a device call allows 600 s (see the header).
 T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_SYMM=${T_SYMM:-240}; T_PP=${T_PP:-120}; T_PPG=${T_PPG:-150}
-T_NB=${T_NB:-100}
-BENCHES=${BENCHES:-tp tp-graphs pp pp-graphs}
+T_NB=${T_NB:-100}; T_AGREE=${T_AGREE:-90}
+BENCHES=${BENCHES:-agree tp tp-graphs pp pp-graphs}
 if [ "${SKIP_BENCH:-0}" = 1 ]; then BENCHES=" "; fi  # the older spelling of BENCHES=" "
 has() { [[ " $BENCHES " == *" $1 "* ]]; }
 fail=0
 start=$SECONDS
 step() { echo "== $1 ($(( SECONDS - start )) s)"; }
 
+if has agree; then
+    step "bench agree"
+    timeout $T_AGREE $PY -m workbench bench agree --grids $GRIDS --device $DEVICE --timeout $((T_AGREE - 15)) \
+        --json "$OUT/bench_agree.json" || fail=1
+fi
 if has tp; then
     step "bench tp"
     timeout $T_TP $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \

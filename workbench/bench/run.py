@@ -31,6 +31,7 @@ BENCHMARKS = {
     "streaming": "workbench.bench.streaming_cli",
     "paged": "workbench.bench.paged_cli",
     "quant": "workbench.bench.quant_cli",
+    "agree": "workbench.bench.agree_cli",
 }
 
 

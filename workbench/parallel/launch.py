@@ -22,6 +22,7 @@ import ctypes
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import signal
 import socket
@@ -71,16 +72,20 @@ def free_port() -> int:
 
 
 def _resolve(device: str, backend: str, local_rank: int) -> tuple[torch.device, str]:
+    """This rank's device and backend. On GPUs NCCL needs a GPU per rank; gloo (whose GPU
+    collectives are all-reduce, broadcast and barrier) lets ranks share them, round robin - how a
+    one-GPU machine runs TP ranks on GPU kernels (``bench agree --backend gloo``)."""
     kind = device
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind.startswith("cuda"):
         if not torch.cuda.is_available():
             raise WorkbenchError("device 'cuda' requested but CUDA is not available")
-        if local_rank >= torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus and backend != "gloo":
             raise WorkbenchError(f"local rank {local_rank} needs GPU {local_rank}, but this machine "
-                                 f"has {torch.cuda.device_count()}")
-        dev = torch.device("cuda", local_rank)
+                                 f"has {gpus} (ranks can share GPUs over gloo, not NCCL)")
+        dev = torch.device("cuda", local_rank % gpus)
         torch.cuda.set_device(dev)
     elif kind == "cpu":
         dev = torch.device("cpu")
@@ -157,7 +162,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, device: str, backend:
     try:
         ctx = init_distributed(device, backend, timeout_s)
         with installed(plugins):  # the parent's plug-in overrides (a lab's student function)
-            results.put((rank, "ok", fn(ctx, *args, **kwargs)))
+            # by value (plain pickle): the queue's own pickler would pass a tensor as a handle to
+            # shared memory, which dies with this process before the parent opens it
+            results.put((rank, "ok", pickle.dumps(fn(ctx, *args, **kwargs))))
         shutdown()
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent
         first = str(err).splitlines()[0] if str(err) else ""
@@ -241,7 +248,7 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
                 continue
             if status == "error":
                 _fail(results, procs, out, {rank: payload})
-            out[rank] = payload
+            out[rank] = pickle.loads(payload)
     finally:
         _stop(procs)
         results.close()

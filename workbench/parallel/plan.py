@@ -20,7 +20,8 @@ import torch.distributed as dist
 from workbench.errors import WorkbenchError
 from workbench.model.config import ModelConfig
 
-__all__ = ["Mesh", "ParallelConfig", "balanced_stages", "check_tp", "make_mesh", "shard_config"]
+__all__ = ["Mesh", "ParallelConfig", "alone_mesh", "balanced_stages", "check_tp", "make_mesh",
+           "shard_config"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class ParallelConfig:
         return self.tp * self.pp
 
     def __str__(self) -> str:
-        return f"TP{self.tp}xPP{self.pp}" + (f" m={self.micro_batches}" if self.pp > 1 else "")
+        return (f"TP{self.tp}xPP{self.pp}" + (f" m={self.micro_batches}" if self.pp > 1 else "")
+                + (" vocab-parallel" if self.vocab_parallel else ""))
 
 
 def check_tp(config: ModelConfig, tp: int) -> None:
@@ -177,3 +179,14 @@ def make_mesh(rank: int, world_size: int, config: ModelConfig, par: ParallelConf
         return None
     return Mesh(par.tp, par.pp, rank, rank % par.tp, rank // par.tp, tp_group, cpu_group, group,
                 stages, back_group)
+
+
+def alone_mesh(config: ModelConfig, par: ParallelConfig, cpu_group) -> Mesh:
+    """TP rank 0 of ``par`` with no peers (``tp_group`` None, so no all-reduce runs): one process
+    computes what each rank of the grid computes, its communication left out (``bench tp
+    --alone``: TP 2 and 4's compute timed on one GPU)."""
+    if par.pp != 1:
+        raise WorkbenchError(f"a rank alone is a TP rank (PP 1), got {par}")
+    check_tp(config, par.tp)
+    return Mesh(par.tp, 1, 0, 0, 0, None, cpu_group, cpu_group,
+                (range(config.num_hidden_layers),))
