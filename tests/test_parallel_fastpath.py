@@ -177,6 +177,31 @@ def test_bench_tp_on_cpu_writes_its_rows(tmp_path, capsys):
     assert report["checks"]["tp2_speedup_b2"] == pytest.approx(one["step_ms"] / two["step_ms"])
 
 
+def test_bench_tp_alone_times_each_ranks_shard_in_one_process(tmp_path):
+    """``bench tp --alone``: every TP grid as one process with TP rank 0's shard and no peers - the
+    rank's compute (what one GPU can time of TP 2 and 4), its floor without all-reduces."""
+    import json
+
+    from workbench.cli import main
+
+    out = tmp_path / "alone.json"
+    assert main(["bench", "tp", "--tp", "1,2,4", "--alone", "--batch-sizes", "2", "--context-len",
+                 "6", "--steps", "2", "--warmup", "1", "--device", "cpu", "--profile",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = sorted(report["results"], key=lambda r: r["tp"])
+    assert [r["tp"] for r in rows] == [1, 2, 4] and report["hardware"]["num_devices_used"] == 1
+    assert [r["system"] for r in rows] == [f"workbench/TP{t}xPP1 rank alone" for t in (1, 2, 4)]
+    assert all(r["alone"] and r["allreduces_per_step"] == 0 for r in rows)
+    assert all(r["allreduce_calls_per_step"] == 0 for r in rows)  # counted: none ran
+    one, two, four = (r["weight_bytes_per_gpu"] for r in rows)
+    assert one / 4 < four < two < one  # the shards shrink; embedding and head stay whole
+    for r in rows:  # the floor is the shard's bytes alone
+        bytes_ms = r["weight_bytes_per_gpu"] / (r["bandwidth_GB_s"] * 1e9) * 1e3
+        assert bytes_ms <= r["floor_ms"] < bytes_ms * 1.2
+    assert "tp4_alone_speedup_b2" in report["checks"] and "tp4_speedup_b2" not in report["checks"]
+
+
 def _replayed_on_cpu(ctx) -> dict:
     from workbench.parallel.measure import _replayed
 

@@ -9,7 +9,7 @@ Time it at the context of the step that matters: ``bench tp --context-len 128 --
 fused step with 152 tokens a row (10 blocks of 16), where a tile that fits 128 tokens exactly lost
 (bench/results/tp1-attention-tile-*_h200_2026-12-05.json).
 
-    python tools/attention_configs.py --json OUT.json [--batches 1,32] [--context 128]
+    python tools/attention_configs.py --json OUT.json [--tp 1] [--batches 1,32] [--context 128]
         [--splits 1,2,4,8] [--tiles 16,32,64] [--warps 2,4,8] [--stages 1,2,3] [--max-seconds 240]
 """
 
@@ -26,10 +26,13 @@ from workbench.engine.cudagraph import graph_call_us
 from workbench.hardware import detect, measure_roofline
 from workbench.kv.paged_triton import num_splits, rope_paged_decode
 from workbench.model.presets import preset_config
+from workbench.parallel.plan import shard_config
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="llama-3.1-8b", help="a preset's name")
 parser.add_argument("--batches", default="1,32")
+parser.add_argument("--tp", type=int, default=1,
+                    help="time one TP rank's shard: 1/tp of the heads, KV heads and MLP width")
 parser.add_argument("--context", type=int, default=128, help="tokens per sequence after the step")
 parser.add_argument("--block-size", type=int, default=16)
 parser.add_argument("--splits", default="1,2,4,8")
@@ -48,7 +51,7 @@ def ints(text: str) -> list[int]:
 
 
 device, dtype = torch.device("cuda"), torch.bfloat16
-c = preset_config(args.model)
+c = shard_config(preset_config(args.model), args.tp)  # one TP rank's shard (whole at --tp 1)
 H, Hkv, D, layers = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.num_hidden_layers
 bs = args.block_size
 nb = -(-args.context // bs)  # blocks per sequence
@@ -125,7 +128,7 @@ for B in ints(args.batches):
     del data
     torch.cuda.empty_cache()
 
-report = {"hardware": detect(device).stamp(), "model": f"preset:{args.model}", "dtype": "bfloat16",
+report = {"hardware": detect(device).stamp(), "model": f"preset:{args.model}", "tp": args.tp, "dtype": "bfloat16",
           "context": args.context, "block_size": bs, "bandwidth_GB_s": roof.bandwidth / 1e9,
           "complete": done, "rows": rows}
 with open(args.json, "w") as f:

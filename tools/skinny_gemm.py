@@ -11,7 +11,7 @@ each against the time to read its weight at the measured copy bandwidth. Every g
 product on enough distinct copies of the weight (>= 256 MB) that none is served from L2, as in a
 decode step where each layer's weights are read once.
 
-    python tools/skinny_gemm.py --json skinny.json [--preset llama-3.1-8b] [--batches 1,32]
+    python tools/skinny_gemm.py --json skinny.json [--preset llama-3.1-8b] [--tp 1] [--batches 1,32]
 
 ``--device cpu`` is a dry run of the script itself (under ``TRITON_INTERPRET=1``, e.g. with
 ``--preset smollm2-135m --ops qkv,o_proj,gate_up,down --batches 1,3``): eager timing, no CUDA graphs, glue not compiled, two weight copies; its
@@ -32,10 +32,13 @@ from workbench.engine.cudagraph import graph_call_us
 from workbench.engine.skinny import _tuned, reference, skinny_linear
 from workbench.hardware import detect, measure_roofline
 from workbench.model.presets import preset_config
+from workbench.parallel.plan import shard_config
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="llama-3.1-8b", help="the shape: a preset's name")
 parser.add_argument("--batches", default="1,32")
+parser.add_argument("--tp", type=int, default=1,
+                    help="time one TP rank's shard: 1/tp of the heads, KV heads and MLP width")
 parser.add_argument("--replays", type=int, default=20)
 parser.add_argument("--ops", default="qkv,o_proj,gate_up,down,lm_head", help="products timed")
 parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -47,7 +50,7 @@ if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 device = torch.device(args.device)
 gpu = device.type == "cuda"
 dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes bf16 wrongly
-c = preset_config(args.preset)
+c = shard_config(preset_config(args.preset), args.tp)  # one TP rank's shard (whole at --tp 1)
 h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
 qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d
 # name: (weight rows, K, add + norm, swiglu)
@@ -120,7 +123,7 @@ for b in {r["batch"] for r in rows}:  # one layer's four products, as a decode s
                       for way in ("cublas", "cublas+glue", "skinny")} | {
                           "floor_us": sum(r["floor_us"] for r in layer)}
     print(f"batch {b}: a layer's products {totals[str(b)]}")
-report = {"hardware": detect(device).stamp(), "preset": args.preset, "dtype": str(dtype),
+report = {"hardware": detect(device).stamp(), "preset": args.preset, "tp": args.tp, "dtype": str(dtype),
           "bandwidth_GB_s": roof.bandwidth / 1e9, "rows": rows, "layer_totals_us": totals,
           # the autotuner's choice per key (M, N, K, BM, ADD, NORM, SWIGLU, dtypes...)
           "skinny_configs": {str(key): str(cfg) for key, cfg in _tuned.cache.items()}}

@@ -1,11 +1,13 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A] [--fast-linear L]] [--symm-mem] [--profile]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A] [--fast-linear L]] [--symm-mem] [--profile] [--alone]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs] [--in-flight]
 
 One job per world size (gloo on CPU, NCCL on GPUs, spawned by :func:`workbench.parallel.launch`:
 :func:`workbench.parallel.measure.time_grids`) times its grids in turn, each with every rank of its
-job. See :mod:`workbench.parallel.measure` for the floor.
+job. See :mod:`workbench.parallel.measure` for the floor. ``--alone`` runs every TP grid as one
+process holding rank 0's shard with no peers (no all-reduce): on one GPU, what each rank of TP 2 or 4
+computes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
                                 "memory (GPU, TP > 1; workbench.parallel.allreduce)")
+            b.add_argument("--alone", action="store_true",
+                           help="every TP grid as one process holding TP rank 0's shard, its "
+                                "all-reduces left out: one GPU times what each rank computes "
+                                "(not a TP step: no communication)")
             b.add_argument("--profile", action="store_true",
                            help="a torch.profiler table of rank 0's fastest step per row (GPU: "
                                 "kernels by device time; CPU: operators), in the JSON as "
@@ -110,7 +116,8 @@ def run(args: argparse.Namespace) -> dict:
     for g in grids:  # bad sizes fail here, in one line, before any rank starts
         check_tp(config, g.tp)
         balanced_stages(config, g.pp)
-    world = max(g.world_size for g in grids)
+    alone = getattr(args, "alone", False)
+    world = 1 if alone else max(g.world_size for g in grids)
     if device.type == "cuda" and world > torch.cuda.device_count():
         raise WorkbenchError(f"{world} ranks need {world} GPUs; this machine has "
                              f"{torch.cuda.device_count()}")
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
                         fast_attention=getattr(args, "fast_attention", "auto"),
                         fast_linear=getattr(args, "fast_linear", "auto"),
                         in_flight=getattr(args, "in_flight", False),
-                        profile=getattr(args, "profile", False))
+                        profile=getattr(args, "profile", False), alone=alone)
     rows = time_grids(bench, device.type, args.timeout, args.threads)  # one job per world size
     for row in rows:
         row.pop("events", None)
@@ -130,6 +137,8 @@ def run(args: argparse.Namespace) -> dict:
     report = {"benchmark": args.bench_name, "hardware": detect(device).stamp() | {
                   "num_devices_used": world, "backend": "nccl" if device.type == "cuda" else "gloo"},
               "model": args.model, "dtype": dtype, "date": datetime.date.today().isoformat(),
+              **({"alone": "each grid's TP rank 0 in one process, all-reduces left out"}
+                 if alone else {}),
               "workload": {"batch_sizes": list(batches), "context_len": args.context_len,
                            "steps": args.steps, "warmup": args.warmup},
               **({"fast_attention": args.fast_attention, "fast_linear": args.fast_linear}
@@ -165,15 +174,16 @@ def _checks(rows: list[dict]) -> dict:
     """The issue's bars, computed from the rows (reported, not enforced)."""
     out: dict = {}
     by = {(r["tp"], r["pp"], r["micro_batches"], r["batch"]): r for r in rows}
+    alone = "_alone" if any(r.get("alone") for r in rows) else ""  # compute only: not TP's bar
     for B in sorted({r["batch"] for r in rows}):
         base = by.get((1, 1, 1, B))
         for tp in (2, 4):
             if base and (tp, 1, 1, B) in by:
-                out[f"tp{tp}_speedup_b{B}"] = base["step_ms"] / by[(tp, 1, 1, B)]["step_ms"]
+                out[f"tp{tp}{alone}_speedup_b{B}"] = base["step_ms"] / by[(tp, 1, 1, B)]["step_ms"]
                 for k, k1 in (("graph", "graph"), ("fast", "fast"), ("fast_symm", "fast")):
                     # the same ratio for the replayed steps (TP 1 has no all-reduce to replace)
                     if f"{k1}_step_ms" in base and f"{k}_step_ms" in by[(tp, 1, 1, B)]:
-                        out[f"tp{tp}_{k}_speedup_b{B}"] = (base[f"{k1}_step_ms"]
+                        out[f"tp{tp}{alone}_{k}_speedup_b{B}"] = (base[f"{k1}_step_ms"]
                                                           / by[(tp, 1, 1, B)][f"{k}_step_ms"])
     out["max_step_over_floor"] = max(r["step_over_floor"] for r in rows)
     ratios = ("graph_over_floor", "fast_over_floor", "fast_symm_over_floor",  # eager all-reduce

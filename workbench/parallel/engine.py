@@ -35,8 +35,8 @@ from workbench.model.config import ModelConfig
 from workbench.model.loading import PRESET_PREFIX, resolve_model_dir
 from workbench.parallel.launch import DistContext, launch
 from workbench.parallel.pipeline import StageEvent, pipeline_forward
-from workbench.parallel.plan import (Mesh, ParallelConfig, balanced_stages, check_tp, make_mesh,
-                                     shard_config)
+from workbench.parallel.plan import (Mesh, ParallelConfig, alone_mesh, balanced_stages, check_tp,
+                                     make_mesh, shard_config)
 from workbench.parallel.shards import load_shard, random_shard
 from workbench.parallel.tensor import build_rank_model
 from workbench.parallel.wire import batch_to_wire, kv_from_spec, kv_spec, wire_to_batch
@@ -90,10 +90,13 @@ class RankWorker:
 
     @classmethod
     def load(cls, ctx: DistContext, source: str, par: ParallelConfig, dtype: torch.dtype,
-             seed: int = 0) -> RankWorker | None:
-        """Build this rank's shard and read its weights; None on a rank the grid leaves idle."""
+             seed: int = 0, alone: bool = False) -> RankWorker | None:
+        """Build this rank's shard and read its weights; None on a rank the grid leaves idle.
+        ``alone``: TP rank 0's shard in a job of one, with no peers to all-reduce with
+        (:func:`~workbench.parallel.plan.alone_mesh`)."""
         config = config_of(source)
-        mesh = make_mesh(ctx.rank, ctx.world_size, config, par, ctx.backend)
+        mesh = (alone_mesh(config, par, ctx.cpu_group) if alone
+                else make_mesh(ctx.rank, ctx.world_size, config, par, ctx.backend))
         if mesh is None:
             return None
         model = build_rank_model(config, mesh, par.vocab_parallel, ctx.device, dtype)

@@ -21,6 +21,11 @@ of the same KV cache; with ``symm_mem`` (GPU, TP > 1) once more with the one-sho
 symmetric memory (:mod:`workbench.parallel.allreduce`). A replayed step is set against the floor
 above and against a stricter one, the all-reduces at their latency replayed from a CUDA graph. A
 replayed variant that fails leaves ``<variant>_error`` in its row instead of ending the job.
+
+With ``alone`` every TP grid runs as one process holding TP rank 0's shard and no peers
+(:func:`~workbench.parallel.plan.alone_mesh`): the all-reduces are left out, so one GPU times
+what each rank of TP 2 or 4 computes, against the weight-and-KV floor of its shard alone. That
+is not a TP step (the communication is missing), and its rows say so (``alone``).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class DecodeBench:
     fast_linear: str = "auto"  # and its matrix products (FusedDecoder's ``linear``)
     in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
     profile: bool = False  # TP: a profiler table of rank 0's fastest step (GPU kernels)
+    alone: bool = False  # TP: each grid's rank 0 alone in one process, its all-reduces left out
     bandwidth: float = 0.0  # bytes/s for the floors; 0: measured on rank 0 (time_grids shares it)
 
 
@@ -166,7 +172,8 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
     bandwidth = bench.bandwidth or (measure_bandwidth(ctx.device) if ctx.rank == 0 else 0.0)
     rows = []
     for par in bench.grids:
-        worker = RankWorker.load(ctx, bench.model, par, getattr(torch, bench.dtype))
+        worker = RankWorker.load(ctx, bench.model, par, getattr(torch, bench.dtype),
+                                 alone=bench.alone)
         if worker is None:
             continue  # this grid leaves the rank idle
         mesh, cfg = worker.mesh, worker.config
@@ -189,7 +196,8 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 mine = {"stage": mesh.stage, "tp_rank": mesh.tp_rank, "layers": len(mesh.layers),
                         "weight_bytes": _bytes_read(worker), "kv_bytes": kv_read, "ar_s": ar_s,
                         "events": events if mesh.tp_rank == 0 else [], **extra}
-                gathered = [None] * par.world_size if ctx.rank == 0 else None
+                ranks = 1 if bench.alone else par.world_size
+                gathered = [None] * ranks if ctx.rank == 0 else None
                 dist.gather_object(mine, gathered, dst=0, group=mesh.cpu_group)
                 if ctx.rank == 0:
                     rows.append(_row(par, B, step_s, gathered, bandwidth, bench))
@@ -207,6 +215,7 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
     all-reduce if asked for), else the plain step."""
     worker, bench, par = dec.w, dec.bench, dec.w.par
     group, out, cuda = worker.mesh.cpu_group, {}, dec.dev.type == "cuda"
+    peers = worker.mesh.tp_group is not None  # TP > 1, not alone
     if bench.cuda_graphs and cuda:
         out |= optional("graph", lambda: graph_step(dec) if par.pp == 1
                         else pipeline_graph_step(dec), group)
@@ -223,10 +232,10 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
 
     if bench.fast and cuda:
         out |= optional("fast", lambda: fast("fast", "dist"), group)
-    if cuda and par.tp > 1 and (bench.cuda_graphs or bench.fast or bench.symm_mem):  # the floor
+    if cuda and peers and (bench.cuda_graphs or bench.fast or bench.symm_mem):  # the floor
         out |= optional("ar_graph", lambda: {"ar_graph_s": _allreduce_s(  # of a replayed step
             worker, mb_rows, "dist", graph=True)}, group)
-    if cuda and par.tp > 1 and bench.symm_mem:
+    if cuda and peers and bench.symm_mem:
         out |= optional("fast_symm", lambda: fast("fast_symm", "symm") | {
             "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", graph=True)}, group)
     if bench.profile:
@@ -239,21 +248,23 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
     """One result row: measured step, its floor, communication share and bubble."""
     m = min(par.micro_batches, B)
     ar_s = max(r["ar_s"] for r in ranks)
+    reduces = par.tp > 1 and not bench.alone  # a rank alone has no all-reduce to run
 
     def floor_with(ar: float) -> float:
         """The slowest rank's weight and KV bytes over the bandwidth, + 2 all-reduces a layer."""
         return max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
-                   + (2 * r["layers"] * ar if par.tp > 1 else 0.0) for r in ranks)
+                   + (2 * r["layers"] * ar if reduces else 0.0) for r in ranks)
 
     stage_floor = floor_with(ar_s)
     floor = stage_floor * (m + par.pp - 1) if par.pp > 1 else stage_floor
     ar_count = 2 * max(r["layers"] for r in ranks) * par.pp * (m if par.pp > 1 else 1)
-    comm = ar_count * ar_s if par.tp > 1 else 0.0
-    row = {"system": f"workbench/{par}", "tp": par.tp, "pp": par.pp, "micro_batches": m,
+    comm = ar_count * ar_s if reduces else 0.0
+    row = {"system": f"workbench/{par}" + (" rank alone" if bench.alone else ""), "tp": par.tp,
+           "pp": par.pp, "micro_batches": m, **({"alone": True} if bench.alone else {}),
            "batch": B, "context_len": bench.context_len, "step_ms": step_s * 1e3,
            "output_tok_s": B / step_s, "floor_ms": floor * 1e3, "step_over_floor": step_s / floor,
            "weight_bytes_per_gpu": max(r["weight_bytes"] for r in ranks),
-           "allreduce_us": ar_s * 1e6, "allreduces_per_step": ar_count if par.tp > 1 else 0,
+           "allreduce_us": ar_s * 1e6, "allreduces_per_step": ar_count if reduces else 0,
            "comm_ms_estimate": comm * 1e3, "comm_share_estimate": comm / step_s,
            "bandwidth_GB_s": bandwidth / 1e9}
     events = [e for r in ranks for e in r["events"]]
@@ -265,7 +276,7 @@ def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidt
     last = next(r for r in ranks if r["stage"] == par.pp - 1 and r["tp_rank"] == 0)  # has logits
     # Stricter floors for the replayed steps, the all-reduces at their latency from a CUDA graph:
     # NCCL's ("graph_ar"), the one-shot's ("symm"). floor_ms keeps the eager all-reduce's.
-    floors = {"graph_ar": floor} if par.tp == 1 else {}  # no all-reduce: one floor
+    floors = {"graph_ar": floor} if not reduces else {}  # no all-reduce: one floor
     for name, key in (("graph_ar", "ar_graph_s"), ("symm", "ar_symm_graph_s")):
         if key in last:
             ar = max(r[key] for r in ranks)
@@ -316,8 +327,9 @@ def time_grids(bench: DecodeBench, device: str, timeout_s: float, threads: int =
     from workbench.parallel.launch import launch
 
     rows, deadline = [], time.monotonic() + timeout_s
-    for size in sorted({g.world_size for g in bench.grids}):
-        part = dataclasses.replace(bench, grids=tuple(g for g in bench.grids if g.world_size == size))
+    size_of = (lambda g: 1) if bench.alone else (lambda g: g.world_size)  # noqa: E731
+    for size in sorted({size_of(g) for g in bench.grids}):
+        part = dataclasses.replace(bench, grids=tuple(g for g in bench.grids if size_of(g) == size))
         left = deadline - time.monotonic()
         if left <= 0:
             raise WorkbenchError(f"timeout of {timeout_s:g} s spent before the {size}-rank grids")
