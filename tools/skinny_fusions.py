@@ -3,7 +3,7 @@ lm_head) timed with the residual add and RMSNorm in the kernel or not, against c
 and 32, bf16, L2 defeated by weight copies, each from a CUDA graph. A diagnostic for
 workbench.engine.skinny (tools/skinny_gemm.py times the products as the decode step uses them).
 
-    python tools/skinny_fusions.py --json OUT.json [--ops qkv,gate_up,lm_head] [--batches 1,32]
+    python tools/skinny_fusions.py --json OUT.json [--tp 1] [--ops qkv,gate_up,lm_head] [--batches 1,32]
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from workbench.engine.cudagraph import graph_call_us
 from workbench.engine.skinny import _tuned, skinny_linear
 from workbench.hardware import detect, measure_roofline
 from workbench.model.presets import preset_config
+from workbench.parallel.plan import shard_config
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--ops", default="qkv,gate_up,lm_head")
 parser.add_argument("--batches", default="1,32")
+parser.add_argument("--tp", type=int, default=1,
+                    help="time one TP rank's shard: 1/tp of the heads, KV heads and MLP width")
 parser.add_argument("--replays", type=int, default=20)
 parser.add_argument("--json", required=True)
 args = parser.parse_args()
 device, dtype = torch.device("cuda"), torch.bfloat16
-c = preset_config("llama-3.1-8b")
+c = shard_config(preset_config("llama-3.1-8b"), args.tp)  # one TP rank's shard (whole at --tp 1)
 h, i = c.hidden_size, c.intermediate_size
 OPS = {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim, False),
        "gate_up": (2 * i, True), "lm_head": (c.vocab_size, False)}
@@ -59,7 +62,7 @@ for name in args.ops.split(","):
         rows.append(row)
         print(" ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in row.items()), flush=True)
-report = {"hardware": detect(device).stamp(), "rows": rows,
+report = {"hardware": detect(device).stamp(), "tp": args.tp, "rows": rows,
           "skinny_configs": {str(k): str(v) for k, v in _tuned.cache.items()}}
 with open(args.json, "w") as f:
     json.dump(report, f, indent=1)
