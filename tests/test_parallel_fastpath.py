@@ -22,7 +22,8 @@ from workbench.errors import WorkbenchError
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
-from workbench.parallel.measure import DecodeBench, _Decoder, _row
+from workbench.parallel.floors import decode_row
+from workbench.parallel.measure import DecodeBench, _Decoder
 from workbench.parallel.replay import fused_step, optional, pipeline_graph_step
 from workbench.parallel.plan import ParallelConfig
 
@@ -122,7 +123,7 @@ def test_a_failed_replay_variant_is_reported_not_fatal():
     ranks = [{"stage": 0, "tp_rank": r, "layers": 2, "weight_bytes": 1e6, "kv_bytes": 0.0,
               "ar_s": 1e-5, "events": [], "fast_error": "rank 1: RuntimeError: no kernel image"}
              for r in range(2)]
-    row = _row(par, 4, 2e-3, ranks, 1e9, DecodeBench("bundled", (par,), (4,)))
+    row = decode_row(par, 4, 2e-3, ranks, 1e9, DecodeBench("bundled", (par,), (4,)))
     assert row["fast_error"] == "rank 1: RuntimeError: no kernel image"
     assert "fast_step_ms" not in row and row["step_over_floor"] == pytest.approx(2e-3 / 1.04e-3)
 

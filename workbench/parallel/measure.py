@@ -40,11 +40,10 @@ from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
 from workbench.parallel.engine import RankWorker
+from workbench.parallel.floors import decode_row
+from workbench.parallel.in_flight import decode_in_flight
 from workbench.parallel.launch import DistContext
-from workbench.parallel.in_flight import (bubble_formula_in_flight, decode_in_flight,
-                                          schedule_bubble_in_flight)
-from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, pipeline_forward,
-                                         run_bubble, schedule_bubble)
+from workbench.parallel.pipeline import StageEvent, pipeline_forward
 from workbench.parallel.plan import ParallelConfig
 from workbench.parallel.replay import (fused_step, graph_step, optional, pipeline_graph_step,
                                        profile_table, sync, timed_steps)
@@ -200,7 +199,7 @@ def decode_worker(ctx: DistContext, bench: DecodeBench) -> list[dict] | None:
                 gathered = [None] * ranks if ctx.rank == 0 else None
                 dist.gather_object(mine, gathered, dst=0, group=mesh.cpu_group)
                 if ctx.rank == 0:
-                    rows.append(_row(par, B, step_s, gathered, bandwidth, bench))
+                    rows.append(decode_row(par, B, step_s, gathered, bandwidth, bench))
         del worker
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -241,75 +240,6 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
     if bench.profile:
         out |= optional("profile", lambda: profile_table(fastest[-1], dec.dev), group)
     return out
-
-
-def _row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], bandwidth: float,
-         bench: DecodeBench) -> dict:
-    """One result row: measured step, its floor, communication share and bubble."""
-    m = min(par.micro_batches, B)
-    ar_s = max(r["ar_s"] for r in ranks)
-    reduces = par.tp > 1 and not bench.alone  # a rank alone has no all-reduce to run
-
-    def floor_with(ar: float) -> float:
-        """The slowest rank's weight and KV bytes over the bandwidth, + 2 all-reduces a layer."""
-        return max((r["weight_bytes"] + r["kv_bytes"]) / bandwidth
-                   + (2 * r["layers"] * ar if reduces else 0.0) for r in ranks)
-
-    stage_floor = floor_with(ar_s)
-    floor = stage_floor * (m + par.pp - 1) if par.pp > 1 else stage_floor
-    ar_count = 2 * max(r["layers"] for r in ranks) * par.pp * (m if par.pp > 1 else 1)
-    comm = ar_count * ar_s if reduces else 0.0
-    row = {"system": f"workbench/{par}" + (" rank alone" if bench.alone else ""), "tp": par.tp,
-           "pp": par.pp, "micro_batches": m, **({"alone": True} if bench.alone else {}),
-           "batch": B, "context_len": bench.context_len, "step_ms": step_s * 1e3,
-           "output_tok_s": B / step_s, "floor_ms": floor * 1e3, "step_over_floor": step_s / floor,
-           "weight_bytes_per_gpu": max(r["weight_bytes"] for r in ranks),
-           "allreduce_us": ar_s * 1e6, "allreduces_per_step": ar_count if reduces else 0,
-           "comm_ms_estimate": comm * 1e3, "comm_share_estimate": comm / step_s,
-           "bandwidth_GB_s": bandwidth / 1e9}
-    events = [e for r in ranks for e in r["events"]]
-    if events:
-        row |= {"bubble_measured": measured_bubble(events, par.pp),
-                "bubble_run": run_bubble(events, par.pp),  # with the gaps between steps
-                "bubble_schedule": schedule_bubble(events, par.pp),
-                "bubble_formula": bubble_formula(par.pp, m), "events": events}
-    last = next(r for r in ranks if r["stage"] == par.pp - 1 and r["tp_rank"] == 0)  # has logits
-    # Stricter floors for the replayed steps, the all-reduces at their latency from a CUDA graph:
-    # NCCL's ("graph_ar"), the one-shot's ("symm"). floor_ms keeps the eager all-reduce's.
-    floors = {"graph_ar": floor} if not reduces else {}  # no all-reduce: one floor
-    for name, key in (("graph_ar", "ar_graph_s"), ("symm", "ar_symm_graph_s")):
-        if key in last:
-            ar = max(r[key] for r in ranks)
-            floors[name] = floor_with(ar)
-            row |= {f"allreduce_{name}_us": ar * 1e6, f"floor_{name}_ms": floors[name] * 1e3}
-    for key in ("graph", "fast", "fast_symm"):
-        if f"{key}_step_ms" in last:
-            step_ms = last[f"{key}_step_ms"]
-            row |= {k: last[k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
-                                         f"{key}_token_agreement")}
-            row[f"{key}_over_floor"] = step_ms / 1e3 / floor
-            for name in ("graph_ar",) if key != "fast_symm" else ("symm",):
-                if name in floors:
-                    row[f"{key}_over_floor_{name}"] = step_ms / 1e3 / floors[name]
-    if "in_flight_s" in last:  # micro-batches in flight across steps: m stage-slots a step
-        seconds = max(r["in_flight_s"] for r in ranks)
-        row |= {"in_flight_step_ms": seconds * 1e3, "in_flight_output_tok_s": B / seconds,
-                "in_flight_speedup": step_s / seconds,
-                "in_flight_floor_ms": stage_floor * max(m, par.pp) * 1e3,
-                "in_flight_bubble_formula": bubble_formula_in_flight(par.pp, m, bench.steps)}
-        flight = [e for r in ranks for e in r["in_flight_events"]]
-        if flight:
-            row |= {"in_flight_bubble_measured": measured_bubble(flight, par.pp),
-                    "in_flight_bubble_schedule": schedule_bubble_in_flight(flight, par.pp, m),
-                    "in_flight_events": flight}
-    row |= {k: v for k, v in last.items() if k.endswith("_error")}  # a replayed variant that failed
-    if "profile_table" in last:  # rank 0's (TP rank 0 of the last stage)
-        row |= {k: last[k] for k in ("profile_table", "allreduce_calls_per_step")}
-    graph_events = [e for r in ranks for e in r.get("graph_events", [])]
-    if graph_events:  # the same bubble, every micro-batch replayed from a CUDA graph
-        row |= {"graph_bubble_measured": measured_bubble(graph_events, par.pp),
-                "graph_bubble_schedule": schedule_bubble(graph_events, par.pp)}
-    return row
 
 
 def time_grids(bench: DecodeBench, device: str, timeout_s: float, threads: int = 1) -> list[dict]:
