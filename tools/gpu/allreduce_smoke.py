@@ -2,6 +2,9 @@
 
     python tools/gpu/allreduce_smoke.py [--ranks 2] [--timeout 90]
 
+``--ranks 1`` on a one-GPU machine runs every back end's code path (buffers, rendezvous, capture)
+with nothing to sum across: it finds an API that this PyTorch lacks, not an all-reduce's latency.
+
 For each back end (NCCL through torch.distributed, and the one-shot through symmetric memory):
 sums rank + 1 over the ranks eagerly and replayed from a CUDA graph, compares with
 1 + 2 + ... + N, and times a replayed 8 KB all-reduce (bf16, [1, 4096]: batch 1 of the 8B shape).
@@ -64,8 +67,10 @@ def main() -> None:
         print("symmetric memory back end:", symm_mem.get_backend(torch.device("cuda", 0)))
     except Exception as e:  # noqa: BLE001
         print("symmetric memory back end: unknown,", type(e).__name__, str(e)[:200])
-    if args.ranks < 2:
-        raise SystemExit("need 2 GPUs or more")
+    if args.ranks < 1 or args.ranks > n:
+        raise SystemExit(f"--ranks must be 1 .. {n} (the GPUs here)")
+    if args.ranks == 1:
+        print("one rank: the code paths only (no peer to sum with; the latencies are not all-reduces')")
     for rank, result in enumerate(launch(_check, args.ranks, device="cuda", timeout_s=args.timeout)):
         print(f"rank {rank}: {result}")
 
