@@ -63,7 +63,9 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--alone", action="store_true",
                            help="every TP grid as one process holding TP rank 0's shard, its "
                                 "all-reduces left out: one GPU times what each rank computes "
-                                "(not a TP step: no communication)")
+                                "(not a TP step: no communication); with --symm-mem also with the "
+                                "one-shot all-reduce over the rank alone (its kernels' cost, no "
+                                "peer: a lower bound of the TP step)")
             b.add_argument("--profile", action="store_true",
                            help="a torch.profiler table of rank 0's fastest step per row (GPU: "
                                 "kernels by device time; CPU: operators), in the JSON as "

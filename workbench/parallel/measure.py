@@ -25,7 +25,9 @@ replayed variant that fails leaves ``<variant>_error`` in its row instead of end
 With ``alone`` every TP grid runs as one process holding TP rank 0's shard and no peers
 (:func:`~workbench.parallel.plan.alone_mesh`): the all-reduces are left out, so one GPU times
 what each rank of TP 2 or 4 computes, against the weight-and-KV floor of its shard alone. That
-is not a TP step (the communication is missing), and its rows say so (``alone``).
+is not a TP step (the communication is missing), and its rows say so (``alone``). With
+``symm_mem`` the rank's fast path runs once more with the one-shot all-reduce over a group of one:
+the step with the all-reduce kernels' own cost, no peer to wait for - a lower bound of the TP step.
 """
 
 from __future__ import annotations
@@ -222,9 +224,9 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
         return out  # the fast path, the all-reduces and the profile below are TP's
     fastest = [lambda: dec.forward(dec.batch(dec.pos))]  # the step to profile
 
-    def fast(key: str, allreduce: str) -> dict:
+    def fast(key: str, allreduce: str, reduce_group=None) -> dict:
         step = fused_step(dec, attention=bench.fast_attention, allreduce=allreduce,
-                          linear=bench.fast_linear)
+                          linear=bench.fast_linear, group=reduce_group)
         timed = graph_step(dec, step, key)
         fastest.append(step)
         return timed
@@ -237,6 +239,9 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
     if cuda and peers and bench.symm_mem:
         out |= optional("fast_symm", lambda: fast("fast_symm", "symm") | {
             "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", graph=True)}, group)
+    if cuda and bench.alone and bench.symm_mem and par.tp > 1:  # the one-shot's kernels in the
+        # step over this rank alone (a job of one): their fixed cost, no peer to wait for or read
+        out |= optional("fast_symm", lambda: fast("fast_symm", "symm", dist.group.WORLD), group)
     if bench.profile:
         out |= optional("profile", lambda: profile_table(fastest[-1], dec.dev), group)
     return out

@@ -196,12 +196,13 @@ def pipeline_graph_step(dec, capture: bool = True) -> dict:
 
 
 def fused_step(dec, compile: bool = True, attention: str = "auto",
-               allreduce: str = "dist", linear: str = "auto"):
+               allreduce: str = "dist", linear: str = "auto", group=None):
     """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
     ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
     the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`):
     a function of no arguments returning the logits ``[B, vocab]``. ``attention``, ``linear``:
-    :class:`~workbench.engine.fastpath.FusedDecoder`'s."""
+    :class:`~workbench.engine.fastpath.FusedDecoder`'s; ``group``: the all-reduces' group if not
+    the TP group (``bench tp --alone --symm-mem``: the one-shot over a rank alone)."""
     from workbench.engine.fastpath import FusedDecoder
     from workbench.kv.paged import PagedKVCache
 
@@ -215,7 +216,7 @@ def fused_step(dec, compile: bool = True, attention: str = "auto",
     slots = tables[:, pos // bs] * bs + pos % bs  # [B]
     positions = torch.full((B,), pos, device=dec.dev)
     lens = torch.full((B,), pos + 1, device=dec.dev)
-    group = w.mesh.tp_group
+    group = w.mesh.tp_group if group is None else group
     reduce = None if group is None else make_reduce(allreduce, group, B * w.config.hidden_size,
                                                     w.dtype, dec.dev)
     fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce, linear=linear)
