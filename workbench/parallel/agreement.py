@@ -24,6 +24,7 @@ split must not do is add more error than bf16 itself does. The check, on one set
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,9 @@ class AgreementCheck:
 
 def sequences(check: AgreementCheck, model) -> torch.Tensor:
     """``[rows, prompt_len + new_tokens]`` token ids: prompts (the checkpoint's tokenizer on
-    :data:`TEXTS`, else random ids) and the fp32 ``model``'s greedy continuation of each."""
+    :data:`TEXTS`, else random ids) and the fp32 ``model``'s greedy continuation of each (the
+    static engine, every row exactly ``new_tokens`` long)."""
+    from workbench.engine import Request, run_static
     from workbench.model.loading import load_tokenizer
 
     tok = load_tokenizer(check.model)
@@ -73,11 +76,11 @@ def sequences(check: AgreementCheck, model) -> torch.Tensor:
     else:
         g = torch.Generator().manual_seed(vocab)
         prompts = torch.randint(1, vocab, (check.rows, check.prompt_len), generator=g)
-    ids = prompts.to(model.embed_tokens.weight.device)  # [rows, P]
-    for _ in range(check.new_tokens):  # no cache: the whole sequence each time (small models)
-        logits = model(ForwardBatch.prefill(ids))[:, -1]  # [rows, V]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids.cpu()
+    requests = [Request(tuple(p), check.new_tokens, ignore_eos=True, id=i)
+                for i, p in enumerate(prompts.tolist())]
+    run = run_static(model, requests, batch_size=check.rows)
+    return torch.tensor([list(r.prompt_ids) + list(t.output_ids)
+                         for r, t in zip(requests, run.traces)])  # [rows, P + new_tokens]
 
 
 def score_worker(ctx, check: AgreementCheck, ids: torch.Tensor) -> list[torch.Tensor] | None:
@@ -148,10 +151,8 @@ def check_agreement(check: AgreementCheck, device: str = "cpu", timeout_s: float
     logits: dict[ParallelConfig, torch.Tensor] = {}
     for size in sorted({g.world_size for g in check.grids}):
         part = tuple(g for g in check.grids if g.world_size == size)
-        sub = AgreementCheck(check.model, part, check.dtype, check.rows, check.prompt_len,
-                             check.new_tokens)
-        got = launch(score_worker, size, sub, ids, device=dev.type, backend=backend,
-                     timeout_s=timeout_s, threads=threads)[0]
+        got = launch(score_worker, size, dataclasses.replace(check, grids=part), ids,
+                     device=dev.type, backend=backend, timeout_s=timeout_s, threads=threads)[0]
         logits |= dict(zip(part, got))
     rows = [{"grid": str(g), "tp": g.tp, "pp": g.pp, "micro_batches": g.micro_batches,
              **compare(logits[g], one, exact)} for g in check.grids]
