@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from workbench.parallel.in_flight import bubble_formula_in_flight, schedule_bubble_in_flight
+from workbench.parallel.in_flight import as_one_pass, bubble_formula_in_flight, schedule_bubble_in_flight
 from workbench.parallel.pipeline import bubble_formula, measured_bubble, run_bubble, schedule_bubble
 from workbench.parallel.plan import ParallelConfig
 
@@ -83,6 +83,9 @@ def decode_row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], ba
                 "in_flight_speedup": step_s / seconds,
                 "in_flight_floor_ms": stage_floor * max(m, par.pp) * 1e3,
                 "in_flight_bubble_formula": bubble_formula_in_flight(par.pp, m, bench.steps)}
+        if events:  # the in-flight timetable with the fill-drain run's stage times: same run, no noise
+            row["in_flight_bubble_schedule_same_times"] = schedule_bubble_in_flight(
+                as_one_pass(events), par.pp, m)
         flight = [e for r in ranks for e in r["in_flight_events"]]
         if flight:
             row |= {"in_flight_bubble_measured": measured_bubble(flight, par.pp),

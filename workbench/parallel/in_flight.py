@@ -11,6 +11,8 @@ as there are stages (vLLM's virtual engines). Each stage runs the same programs 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -20,7 +22,7 @@ from workbench.model.llama import LlamaModel
 from workbench.parallel.pipeline import StageEvent, now, stage_programs
 from workbench.parallel.plan import Mesh
 
-__all__ = ["bubble_formula_in_flight", "decode_in_flight", "schedule_bubble_in_flight"]
+__all__ = ["as_one_pass", "bubble_formula_in_flight", "decode_in_flight", "schedule_bubble_in_flight"]
 
 
 def bubble_formula_in_flight(p: int, m: int, steps: int) -> float:
@@ -48,6 +50,16 @@ def schedule_bubble_in_flight(events: list[StageEvent], p: int, m: int) -> float
             finish[(s, k)] = start + took.get((s, k), 0.0)
     span = finish[(p - 1, n - 1)]
     return 1.0 - sum(took.values()) / (p * span) if span > 0 else 0.0
+
+
+def as_one_pass(events: list[StageEvent]) -> list[StageEvent]:
+    """Fill-drain steps' events (step t, micro-batch j of m) renumbered as the items ``k = t m + j``
+    of one in-flight pass, so that :func:`schedule_bubble_in_flight` replays the in-flight timetable
+    with *the same* measured stage times as :func:`~workbench.parallel.pipeline.schedule_bubble`.
+    The two timetables then differ only in their order: a comparison free of run-to-run noise."""
+    m = 1 + max(e.micro_batch for e in events)
+    order = {t: i for i, t in enumerate(sorted({e.step for e in events}))}
+    return [replace(e, step=0, micro_batch=order[e.step] * m + e.micro_batch) for e in events]
 
 
 def decode_in_flight(model: LlamaModel, mesh: Mesh, tokens: torch.Tensor, kv: ContiguousKVCache,
