@@ -103,6 +103,8 @@ def test_sampling_is_seeded(tmp_path, capsys):
     ([{"prompt": "x"}], ["--strategy", "continuous", "--prefix-caching"], "need(s) --kv paged"),
     ([{"prompt": "x"}], ["--strategy", "continuous", "--kv", "paged", "--block-size", "0"],
      "block_size must be >= 1"),
+    ([{"prompt": "x"}], ["--tp", "2", "--timeout", "0"], "--timeout must be a number of seconds > 0"),
+    ([{"prompt": "x"}], ["--tp", "2", "--timeout", "inf"], "--timeout must be a number of seconds > 0"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, rows, extra, message):
     prompts = write_jsonl(tmp_path / "p.jsonl", rows)

@@ -3,6 +3,7 @@ timeout, and no rank process is left behind. (Results by rank: tests/test_parall
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -71,7 +72,31 @@ def test_gloo_ranks_may_share_a_gpu_nccl_ranks_may_not(monkeypatch):
         _resolve("cuda", "auto", 2)
 
 
+def _hang_in_a_tp_group(ctx, pid_dir: str):
+    from workbench.model.presets import preset_config
+    from workbench.parallel.plan import ParallelConfig, make_mesh
+
+    Path(pid_dir, f"{ctx.rank}.pid").write_text(str(os.getpid()))
+    mesh = make_mesh(ctx.rank, ctx.world_size, preset_config("llama-3.1-8b"),
+                     ParallelConfig(tp=2), ctx.backend, ctx.timeout_s)
+    if ctx.rank == 1:
+        time.sleep(600)
+    dist.all_reduce(torch.ones(1), group=mesh.tp_group)  # a TP group's collective, not WORLD's
+
+
+def test_a_hang_in_a_subgroup_times_out_like_the_world_group(tmp_path):
+    """A new group does not inherit the job's timeout (gloo's default is 30 minutes): make_mesh
+    gives its groups the job's, so a job with no overall limit still ends when a rank hangs."""
+    start = time.monotonic()
+    with pytest.raises(WorkbenchError, match=r"rank\(s\) \[1\] stopped answering \(hung\?\)"):
+        launch(_hang_in_a_tp_group, 2, str(tmp_path), timeout_s=math.inf, collective_timeout_s=3)
+    assert time.monotonic() - start < 60
+    _assert_gone(tmp_path, 2)
+
+
 def test_bad_arguments():
     with pytest.raises(WorkbenchError, match="world_size"):
         launch(_one_rank_dies, 0)
+    with pytest.raises(WorkbenchError, match="finite timeout"):
+        launch(_one_rank_dies, 2, timeout_s=math.inf)
     assert 0 < free_port() < 65536

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pp", type=int, default=1, help="pipeline parallel stages")
     gen.add_argument("--micro-batches", type=int, default=1,
                      help="pipeline: micro-batches per static forward pass (GPipe)")
+    gen.add_argument("--timeout", type=float, default=300.0,
+                     help="--tp/--pp: seconds a rank waits for its peers at one collective before "
+                          "the job stops with an error (a dead or hung rank; default 300); the "
+                          "job as a whole has no time limit")
 
     from workbench.bench.run import add_bench_parser
 

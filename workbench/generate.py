@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,8 @@ def generate_file(args: argparse.Namespace) -> None:
         if getattr(args, name, 1) < 1:
             raise WorkbenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     parallel = getattr(args, "tp", 1) * getattr(args, "pp", 1) > 1
+    if not 0 < getattr(args, "timeout", 300.0) < math.inf:
+        raise WorkbenchError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     paged_only = [f"--{n.replace('_', '-')}" for n in ("num_blocks", "prefix_caching", "fast")
                   if getattr(args, n, None)]
     if getattr(args, "kv", "contiguous") == "paged" or paged_only:
@@ -190,7 +193,8 @@ def _run_parallel(args: argparse.Namespace, requests: list, sampling, device: to
                           chunked_prefill=args.chunked_prefill, **_paged(args))
     job = GenerateJob(args.model, tuple(requests),
                       ParallelConfig(tp=args.tp, pp=args.pp, micro_batches=args.micro_batches),
-                      args.strategy, args.batch_size, config, sampling, args.dtype)
+                      args.strategy, args.batch_size, config, sampling, args.dtype,
+                      progress=not getattr(args, "no_progress", False))
     from workbench.parallel.engine import run_cli_job
 
-    return run_cli_job(job, device.type)
+    return run_cli_job(job, device.type, getattr(args, "timeout", 300.0))

@@ -20,6 +20,7 @@ reaches :func:`generate_worker` through :func:`run_cli_job`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class GenerateJob:
     engine: EngineConfig = EngineConfig()  # continuous: its limits (kv="contiguous")
     sampling: SamplingParams = SamplingParams()
     dtype: str = "float32"
+    progress: bool = False  # a progress bar (requests done) on rank 0
 
     def __post_init__(self) -> None:
         if self.strategy not in ("static", "continuous"):
@@ -96,7 +98,7 @@ class RankWorker:
         (:func:`~workbench.parallel.plan.alone_mesh`)."""
         config = config_of(source)
         mesh = (alone_mesh(config, par, ctx.cpu_group) if alone
-                else make_mesh(ctx.rank, ctx.world_size, config, par, ctx.backend))
+                else make_mesh(ctx.rank, ctx.world_size, config, par, ctx.backend, ctx.timeout_s))
         if mesh is None:
             return None
         model = build_rank_model(config, mesh, par.vocab_parallel, ctx.device, dtype)
@@ -185,8 +187,10 @@ def _serve(job: GenerateJob, model: DistributedModel) -> EngineRun:
     from workbench.engine import run_continuous, run_static
 
     if job.strategy == "continuous":
-        return run_continuous(model, list(job.requests), job.engine, job.sampling)
-    return run_static(model, list(job.requests), job.batch_size, job.sampling)
+        return run_continuous(model, list(job.requests), job.engine, job.sampling,
+                              progress=job.progress)
+    return run_static(model, list(job.requests), job.batch_size, job.sampling,
+                      progress=job.progress)
 
 
 def generate_worker(ctx: DistContext, jobs: list[GenerateJob]) -> list[dict | None]:
@@ -230,33 +234,44 @@ def _check(job: GenerateJob) -> None:
 
 
 def generate_parallel(jobs: list[GenerateJob] | GenerateJob, device: str = "cpu",
-                      timeout_s: float = 300.0, threads: int = 1) -> list[dict] | dict:
+                      timeout_s: float = 300.0, threads: int = 1,
+                      collective_timeout_s: float | None = None) -> list[dict] | dict:
     """Spawn the ranks (as many as the largest grid), run the jobs in order, return rank 0's
-    results: one dict per job (``run``: the EngineRun, ``ranks``: each rank's record)."""
+    results: one dict per job (``run``: the EngineRun, ``ranks``: each rank's record).
+    ``timeout_s`` bounds the whole job (``math.inf``: no bound), ``collective_timeout_s`` each
+    collective (default ``timeout_s``): see :func:`~workbench.parallel.launch.launch`."""
     single = isinstance(jobs, GenerateJob)
     jobs = [jobs] if single else list(jobs)
     for job in jobs:
         _check(job)
     world = max(j.parallel.world_size for j in jobs)
     results = launch(generate_worker, world, jobs, device=device, timeout_s=timeout_s,
-                     threads=threads)[0]
+                     collective_timeout_s=collective_timeout_s, threads=threads)[0]
     return results[0] if single else results
 
 
-def run_cli_job(job: GenerateJob, device: str, timeout_s: float = 600.0) -> EngineRun | None:
+def run_cli_job(job: GenerateJob, device: str, timeout_s: float = 300.0) -> EngineRun | None:
     """``generate --tp/--pp``: inside torchrun, join the job (rank 0 gets the run, others None);
-    outside, spawn the ranks on this machine."""
+    outside, spawn the ranks on this machine. ``timeout_s`` (``--timeout``) bounds each
+    collective, that is how long a rank waits for a dead or hung peer; a job that makes progress
+    may run as long as it needs (a real prompt file on a CPU can take hours)."""
     _check(job)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        from workbench.parallel.launch import init_distributed, shutdown
+        from workbench.parallel.launch import init_distributed, is_comm_error, shutdown
 
-        ctx = init_distributed(device, "auto", timeout_s)
-        if ctx.world_size != job.parallel.world_size:
-            raise WorkbenchError(f"{job.parallel} needs {job.parallel.world_size} processes; "
-                                 f"torchrun started {ctx.world_size}")
         try:
+            ctx = init_distributed(device, "auto", timeout_s)
+            if ctx.world_size != job.parallel.world_size:
+                raise WorkbenchError(f"{job.parallel} needs {job.parallel.world_size} processes; "
+                                     f"torchrun started {ctx.world_size}")
             result = generate_worker(ctx, [job])[0]
+        except RuntimeError as err:  # a peer died or stopped answering: say so in one line
+            if not is_comm_error(err):
+                raise
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise WorkbenchError(f"rank {os.environ['RANK']}: a collective failed - a peer rank died "
+                                 f"or did not answer within --timeout {timeout_s:g} s ({first})") from err
         finally:
             shutdown()
         return None if result is None else result["run"]
-    return generate_parallel(job, device, timeout_s, threads=0)["run"]
+    return generate_parallel(job, device, math.inf, threads=0, collective_timeout_s=timeout_s)["run"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import math
 import multiprocessing as mp
 import os
 import pickle
@@ -215,12 +216,16 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
     (:mod:`workbench.parallel.plugins`). The job
     fails as one: the first rank to raise or die, or ``timeout_s`` passing, stops every rank and
     raises WorkbenchError with the cause. ``collective_timeout_s`` bounds each collective inside
-    (default: ``timeout_s``). ``threads``: torch CPU threads per rank (0 keeps torch's default).
+    (default: ``timeout_s``); with it, ``timeout_s`` may be ``math.inf`` (no bound on the job: a
+    dead or hung rank still ends it, its peers' collectives time out). ``threads``: torch CPU threads per rank (0 keeps torch's default).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise WorkbenchError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if timeout_s <= 0:
+    if not timeout_s > 0:
         raise WorkbenchError(f"timeout_s must be > 0, got {timeout_s}")
+    if not 0 < (collective_timeout_s or timeout_s) < math.inf:
+        raise WorkbenchError("each collective needs a finite timeout: collective_timeout_s > 0 "
+                             f"(got {collective_timeout_s}) or a finite timeout_s (got {timeout_s})")
     plugins = pack_active()  # before any process starts: a function that cannot travel fails here
     mpc = mp.get_context("spawn")  # fork would copy this process's threads and CUDA state
     results = mpc.Queue()
@@ -258,6 +263,16 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
 _COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe")
 
 
+def is_comm_error(err: BaseException | str) -> bool:
+    """Whether ``err`` (an exception, or its one-line text) is a collective that failed because
+    a peer died or stopped answering: a ``torch.distributed`` error, or gloo's and NCCL's plain
+    RuntimeError that names a timeout or a lost connection."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    return any(w in text.lower() for w in _COMM_WORDS)
+
+
 def _fail(results: Any, procs: list, done: dict, errors: dict[int, tuple[str, str]]) -> None:
     """Stop every rank, then raise one error that names the root cause first.
 
@@ -277,7 +292,7 @@ def _fail(results: Any, procs: list, done: dict, errors: dict[int, tuple[str, st
     silent = [r for r, p in enumerate(procs)
               if p.exitcode is None and r not in errors and r not in done]
     _stop(procs)
-    comm = lambda r: any(w in errors[r][0].lower() for w in _COMM_WORDS)  # noqa: E731
+    comm = lambda r: is_comm_error(errors[r][0])  # noqa: E731
     said = [f"rank {r} failed: {errors[r][0]}" for r in sorted(errors, key=comm)]
     if silent and errors and all(comm(r) for r in errors):  # the others gave up waiting on them
         died.append(f"rank(s) {silent} stopped answering (hung?)")

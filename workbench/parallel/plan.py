@@ -11,6 +11,7 @@ the first, notebook 05 the second.
 
 from __future__ import annotations
 
+import datetime
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -151,28 +152,36 @@ class Mesh:
 
 
 def make_mesh(rank: int, world_size: int, config: ModelConfig, par: ParallelConfig,
-              backend: str) -> Mesh | None:
+              backend: str, timeout_s: float | None = None) -> Mesh | None:
     """Build the TP groups of ``par`` over ranks ``0 .. tp*pp - 1``; None on ranks left idle.
 
     Every rank of the job must call this (creating a group is collective), members or not.
+    ``timeout_s`` bounds each collective of the new groups: give the job's (``ctx.timeout_s``),
+    since a new group does not inherit it - it would wait for a dead or hung peer for the
+    backend's default (30 minutes on gloo, 10 on NCCL).
     """
     if par.world_size > world_size:
         raise WorkbenchError(f"{par} needs {par.world_size} ranks; the job has {world_size}")
     check_tp(config, par.tp)
     stages = tuple(balanced_stages(config, par.pp))
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+
+    def new_group(members: list[int], backend: str):
+        return dist.new_group(members, backend=backend, timeout=timeout)
+
     tp_group = None
     for stage in range(par.pp):
         members = [stage * par.tp + t for t in range(par.tp)]
-        group = dist.new_group(members, backend=backend) if par.tp > 1 else None
+        group = new_group(members, backend) if par.tp > 1 else None
         if rank in members:
             tp_group = group
     members = list(range(par.world_size))
-    cpu_group = dist.new_group(members, backend="gloo")
-    group = cpu_group if backend == "gloo" else dist.new_group(members, backend=backend)
+    cpu_group = new_group(members, "gloo")
+    group = cpu_group if backend == "gloo" else new_group(members, backend)
     back_group = None
     for t in range(par.tp if par.pp > 1 else 0):
         ends = [t, (par.pp - 1) * par.tp + t]  # stage 0 and the last stage of TP rank t
-        made = dist.new_group(ends, backend=backend)
+        made = new_group(ends, backend)
         if rank in ends:
             back_group = made
     if rank >= par.world_size:
