@@ -5,16 +5,28 @@
   eager step's;
 * ``bench agree --backend gloo``: TP ranks sharing the GPU (gloo's all-reduce on CUDA tensors),
   the bf16 logits within twice one device's own bf16 error.
+
+With 2 GPUs or more (one NCCL rank each), the fault bar over NCCL: a rank killed or hung between two
+all-reduces, on the job's group or a TP subgroup, ends the job with an error within 60 s and leaves
+no process behind (on gloo: ``tests/test_parallel_launch.py``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from tests.test_parallel_launch import _assert_gone
 from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.parallel.launch import launch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -39,3 +51,39 @@ def test_agree_with_ranks_sharing_the_gpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["hardware"]["backend"] == "gloo" and report["hardware"]["ranks"] == 2
     assert report["checks"]["all_within_tolerance"]
+
+
+def _fault_on_nccl(ctx, pid_dir: str, action: str, subgroup: bool):
+    from workbench.model.presets import preset_config
+    from workbench.parallel.plan import ParallelConfig, make_mesh
+
+    Path(pid_dir, f"{ctx.rank}.pid").write_text(str(os.getpid()))
+    group = None
+    if subgroup:  # a TP group made by make_mesh, with the job's timeout
+        group = make_mesh(ctx.rank, ctx.world_size, preset_config("llama-3.1-8b"),
+                          ParallelConfig(tp=2), ctx.backend, ctx.timeout_s).tp_group
+    x = torch.ones(1024, device=ctx.device)
+    dist.all_reduce(x, group=group)
+    torch.cuda.synchronize()  # both ranks are in: the communicator works
+    if ctx.rank == 1:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)  # hang: never joins the next all-reduce
+    dist.all_reduce(x, group=group)
+    torch.cuda.synchronize()  # NCCL returns at once; rank 0 waits here for its peer
+    return float(x[0])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one NCCL rank each)")
+@pytest.mark.parametrize("action", ["kill", "hang"])
+@pytest.mark.parametrize("subgroup", [False, True])
+def test_a_failing_nccl_rank_stops_the_job(tmp_path, action, subgroup):
+    start = time.monotonic()
+    with pytest.raises(WorkbenchError, match=r"parallel job failed: .*all ranks stopped") as err:
+        # the job's limit (50 s) only guards the test: NCCL's own timeout (5 s) must end it first
+        launch(_fault_on_nccl, 2, str(tmp_path), action, subgroup, device="cuda",
+               timeout_s=50, collective_timeout_s=5)
+    assert time.monotonic() - start < 60, str(err.value)
+    if action == "kill":
+        assert "rank 1 killed by signal SIGKILL" in str(err.value)
+    _assert_gone(tmp_path, 2)

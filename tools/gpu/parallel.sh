@@ -27,7 +27,10 @@
 # pp, pp-graphs; " " for none), NOTEBOOKS the notebooks (default 04 and 05; " " for none). The default stage limits
 # add up to 1010 s, more than one device call (600 s): run
 #   BENCHES="agree tp tp-graphs" NOTEBOOKS=" "   (540 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks)
-# and BENCHES=tp-symm NOTEBOOKS=" " (240 s) for the one-shot all-reduce.
+# and BENCHES=tp-symm NOTEBOOKS=" " (240 s) for the one-shot all-reduce. With ~10 minutes of device time in all, one
+# call covers every bar of issue 5 but the notebooks: BENCHES="agree tp-symm pp-graphs" NOTEBOOKS=" " T_AGREE=100
+# (490 s; tp-symm times the eager step and the fast path with NCCL and with the one-shot, pp-graphs the eager
+# pipeline, its replayed stages and the micro-batches in flight).
 # The tp-graphs stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
 set -u
 OUT=${OUT:-out/gpu-parallel}

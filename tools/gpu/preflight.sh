@@ -7,6 +7,8 @@
 #      (the tokens' way back on its own communicator), each failure a row entry
 #   3. bench tp --tp 2 --symm-mem --profile (2+ GPUs): the fast path with the one-shot all-reduce, compiled
 #   4. tests/test_paged_gpu.py -k test_triton_ (any GPU): the compiled Triton kernels against the reference
+#   5. tests/test_parallel_gpu.py -k nccl (2+ GPUs): a rank killed or hung on NCCL (job group, TP subgroup) ends
+#      the job within 60 s, no process left (added 2026-12-05, not yet run)
 # Results to $OUT: preflight.log, preflight_pp.json, preflight_tp.json, preflight-tests.log.
 # Run from the repository root: OUT=$OUT bash tools/gpu/preflight.sh
 set -u
@@ -36,5 +38,11 @@ step "compiled Triton kernels"
 timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_paged_gpu.py -k test_triton_ \
     > "$OUT/preflight-tests.log" 2>&1 || fail=1
 tail -3 "$OUT/preflight-tests.log"
+if [ "$NGPU" -ge 2 ]; then
+    step "NCCL faults"
+    timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_parallel_gpu.py -k nccl \
+        >> "$OUT/preflight-tests.log" 2>&1 || fail=1
+    tail -3 "$OUT/preflight-tests.log"
+fi
 step "done, exit $fail"
 exit $fail
