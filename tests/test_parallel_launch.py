@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -14,20 +13,7 @@ import torch
 import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
-from workbench.parallel.launch import free_port, launch
-
-
-def _one_rank_dies(ctx, pid_dir: str, action: str):
-    Path(pid_dir, f"{ctx.rank}.pid").write_text(str(os.getpid()))
-    dist.barrier()
-    if ctx.rank == 1:
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)  # dies without a word, mid-job
-        if action == "hang":
-            time.sleep(600)  # never joins the next collective
-        raise ValueError("bad shard")
-    dist.all_reduce(torch.ones(1))  # the others wait for rank 1 here
-    return ctx.rank
+from workbench.parallel.launch import fail_on_purpose, free_port, launch
 
 
 def _assert_gone(pid_dir: Path, world: int) -> None:
@@ -39,13 +25,13 @@ def _assert_gone(pid_dir: Path, world: int) -> None:
 
 @pytest.mark.parametrize("action, expected", [
     ("kill", r"rank 1 killed by signal SIGKILL"),
-    ("raise", r"rank 1 failed: ValueError: bad shard"),
+    ("raise", r"rank 1 failed: ValueError: rank 1 failed on purpose"),
     ("hang", r"rank\(s\) \[1\] stopped answering \(hung\?\); rank [02] failed: .*"),  # their all-reduce times out after 3 s
 ])
 def test_a_failing_rank_stops_the_job(tmp_path, action, expected):
     start = time.monotonic()
     with pytest.raises(WorkbenchError, match=expected):
-        launch(_one_rank_dies, 3, str(tmp_path), action, timeout_s=60, collective_timeout_s=3)
+        launch(fail_on_purpose, 3, action, pid_dir=str(tmp_path), timeout_s=60, collective_timeout_s=3)
     assert time.monotonic() - start < 60
     _assert_gone(tmp_path, 3)
 
@@ -96,7 +82,9 @@ def test_a_hang_in_a_subgroup_times_out_like_the_world_group(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(WorkbenchError, match="world_size"):
-        launch(_one_rank_dies, 0)
+        launch(fail_on_purpose, 0)
     with pytest.raises(WorkbenchError, match="finite timeout"):
-        launch(_one_rank_dies, 2, timeout_s=math.inf)
+        launch(fail_on_purpose, 2, timeout_s=math.inf)
+    with pytest.raises(WorkbenchError, match="how must be one of raise, kill, hang"):
+        launch(fail_on_purpose, 1, "explode", timeout_s=60)
     assert 0 < free_port() < 65536

@@ -40,7 +40,8 @@ import torch.distributed as dist
 from workbench.errors import WorkbenchError
 from workbench.parallel.plugins import installed, pack_active
 
-__all__ = ["DistContext", "free_port", "in_sequence", "init_distributed", "launch", "shutdown"]
+__all__ = ["DistContext", "fail_on_purpose", "free_port", "in_sequence", "init_distributed", "is_comm_error",
+           "launch", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -307,3 +308,38 @@ def in_sequence(ctx: DistContext, calls: list[tuple[Callable, tuple]]) -> list[A
     """Run several rank functions one after the other in one job (starting ranks costs seconds):
     ``launch(in_sequence, n, [(generate_worker, (jobs,)), (decode_worker, (bench,))])``."""
     return [fn(ctx, *args) for fn, args in calls]
+
+
+FAULTS = ("raise", "kill", "hang")
+
+
+def fail_on_purpose(ctx: DistContext, how: str, victim: int = 1, pid_dir: str | None = None) -> int:
+    """A rank function that fails on purpose, to watch a job end (notebook 04, the tests).
+
+    Every rank joins a first all-reduce (the job works), then rank ``victim`` raises (``"raise"``),
+    dies without a word (``"kill"``: SIGKILL, as the out-of-memory killer or a lost node would) or
+    hangs (``"hang"``: never joins the next collective) while the others wait for it in a second
+    all-reduce. ``pid_dir``: each rank writes its process id there (``<rank>.pid``), so that a
+    test can check that none is left. Returns the rank on the ranks that get through.
+    """
+    if how not in FAULTS:
+        raise WorkbenchError(f"how must be one of {', '.join(FAULTS)}, got {how!r}")
+    if pid_dir is not None:
+        with open(os.path.join(pid_dir, f"{ctx.rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+    x = torch.ones(1, device=ctx.device)
+
+    def all_reduce() -> None:
+        dist.all_reduce(x)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()  # NCCL returns at once: wait where the peer is missing
+
+    all_reduce()
+    if ctx.rank == victim:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "hang":
+            time.sleep(3600)
+        raise ValueError(f"rank {victim} failed on purpose")
+    all_reduce()
+    return ctx.rank
