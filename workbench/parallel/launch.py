@@ -218,7 +218,8 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
     fails as one: the first rank to raise or die, or ``timeout_s`` passing, stops every rank and
     raises WorkbenchError with the cause. ``collective_timeout_s`` bounds each collective inside
     (default: ``timeout_s``); with it, ``timeout_s`` may be ``math.inf`` (no bound on the job: a
-    dead or hung rank still ends it, its peers' collectives time out). ``threads``: torch CPU threads per rank (0 keeps torch's default).
+    dead or hung rank still ends it, its peers' collectives time out). ``threads``: torch CPU
+    threads per rank (0 keeps torch's default).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise WorkbenchError(f"world_size must be an integer >= 1, got {world_size!r}")

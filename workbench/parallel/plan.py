@@ -11,8 +11,8 @@ the first, notebook 05 the second.
 
 from __future__ import annotations
 
-import datetime
 import dataclasses
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
