@@ -63,14 +63,18 @@ def _fault_on_nccl(ctx, pid_dir: str, action: str, subgroup: bool):
         group = make_mesh(ctx.rank, ctx.world_size, preset_config("llama-3.1-8b"),
                           ParallelConfig(tp=2), ctx.backend, ctx.timeout_s).tp_group
     x = torch.ones(1024, device=ctx.device)
-    dist.all_reduce(x, group=group)
-    torch.cuda.synchronize()  # both ranks are in: the communicator works
+
+    def all_reduce() -> None:
+        dist.all_reduce(x, group=group)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()  # NCCL returns at once: wait here for the peer
+
+    all_reduce()  # both ranks are in: the communicator works
     if ctx.rank == 1:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(600)  # hang: never joins the next all-reduce
-    dist.all_reduce(x, group=group)
-    torch.cuda.synchronize()  # NCCL returns at once; rank 0 waits here for its peer
+    all_reduce()
     return float(x[0])
 
 
