@@ -147,6 +147,8 @@ def test_bench_pp_on_cpu_writes_its_rows(tmp_path, capsys):
     two = rows[(2, 2)]
     assert 0 <= two["bubble_schedule"] <= two["bubble_measured"] < 1  # measured >= timetable
     assert two["bubble_formula"] == pytest.approx(1 / 3) and two["in_flight_step_ms"] > 0
+    # the in-flight timetable on the fill-drain run's own stage times idles less (m = 2)
+    assert two["in_flight_bubble_schedule_same_times"] < two["bubble_schedule"]
     assert not any(k.endswith("_error") or k.startswith("graph_") for k in two)  # no CUDA here
     assert "max_bubble_abs_error" in report["checks"]
 
