@@ -82,7 +82,9 @@ def _gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie is done too
 
 
-@pytest.mark.parametrize("grid", [["--tp", "2"], ["--pp", "2", "--micro-batches", "2"]])
+@pytest.mark.parametrize("grid", [["--tp", "2"], ["--pp", "2", "--micro-batches", "2"],
+                                  ["--tp", "2", "--strategy", "continuous", "--kv", "paged",
+                                   "--batch-size", "2"]])
 def test_torchrun_gives_one_devices_tokens(tmp_path, grid):
     proc, log = _torchrun(tmp_path, PROMPTS, *grid, "--max-new-tokens", "8", "--no-progress")
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
