@@ -21,7 +21,7 @@
 #                         graphs with eager hand-overs between them, its bubble measured again, and eager decode with
 #                         the micro-batches in flight across steps (GPU only; optional)
 #   04_tensor_parallelism.<N>x<gpu>.ipynb, 05_pipeline_parallelism.<N>x<gpu>.ipynb   executed notebooks
-#   parallel.log          everything printed
+#   parallel.log          everything printed, last the verdict on each of issue 5's bars from this call's files
 # Every stage has a timeout (the launcher stops all ranks if one fails or hangs). BENCHES picks the benchmark
 # stages (default "agree tp tp-graphs pp pp-graphs"; also tp-symm; run in the order agree, tp, tp-graphs, tp-symm,
 # pp, pp-graphs; " " for none), NOTEBOOKS the notebooks (default 04 and 05; " " for none). The default stage limits
@@ -111,5 +111,9 @@ for nb in ${NOTEBOOKS:-04_tensor_parallelism 05_pipeline_parallelism}; do
         -p device $DEVICE -p ranks $RANKS -p timing_model $MODEL -p smoke $NBSMOKE -p timeout_s $((T_NB - 20)) \
         "${extra[@]}" --no-progress-bar || fail=1
 done
+if ls "$OUT"/bench_*.json >/dev/null 2>&1; then
+    step "issue 5's bars, judged from this call's files (tools/parallel_bars.py)"
+    $PY tools/parallel_bars.py "$OUT"/bench_*.json || echo "could not judge the bars"
+fi
 step "done, exit $fail"
 exit $fail
