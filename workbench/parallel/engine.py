@@ -257,7 +257,7 @@ def run_cli_job(job: GenerateJob, device: str, timeout_s: float = 300.0) -> Engi
     may run as long as it needs (a real prompt file on a CPU can take hours)."""
     _check(job)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        from workbench.parallel.launch import init_distributed, is_comm_error, shutdown
+        from workbench.parallel.launch import init_distributed, is_comm_error, shutdown, tidy_error
 
         try:
             ctx = init_distributed(device, "auto", timeout_s)
@@ -268,7 +268,7 @@ def run_cli_job(job: GenerateJob, device: str, timeout_s: float = 300.0) -> Engi
         except RuntimeError as err:  # a peer died or stopped answering: say so in one line
             if not is_comm_error(err):
                 raise
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            first = tidy_error(str(err).splitlines()[0]) if str(err) else type(err).__name__
             raise WorkbenchError(f"rank {os.environ['RANK']}: a collective failed - a peer rank died "
                                  f"or did not answer within --timeout {timeout_s:g} s ({first})") from err
         finally:

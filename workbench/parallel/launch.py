@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import re
 import signal
 import socket
 import threading
@@ -41,7 +42,7 @@ from workbench.errors import WorkbenchError
 from workbench.parallel.plugins import installed, pack_active
 
 __all__ = ["DistContext", "fail_on_purpose", "free_port", "in_sequence", "init_distributed", "is_comm_error",
-           "launch", "shutdown"]
+           "launch", "shutdown", "tidy_error"]
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,14 @@ def is_comm_error(err: BaseException | str) -> bool:
     return any(w in text.lower() for w in _COMM_WORDS)
 
 
+def tidy_error(text: str) -> str:
+    """A rank's one-line error without the C++ source location and the advice gloo appends:
+    ``RuntimeError: [.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:43745.
+    This is typically caused by ...`` -> ``RuntimeError: Connection closed by peer [127.0.0.1]:43745``."""
+    text = re.sub(r"\[[^\]\s]+\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
+    return re.split(r"\.\s+This is typically", text)[0]
+
+
 def _fail(results: Any, procs: list, done: dict, errors: dict[int, tuple[str, str]]) -> None:
     """Stop every rank, then raise one error that names the root cause first.
 
@@ -295,7 +304,7 @@ def _fail(results: Any, procs: list, done: dict, errors: dict[int, tuple[str, st
               if p.exitcode is None and r not in errors and r not in done]
     _stop(procs)
     comm = lambda r: is_comm_error(errors[r][0])  # noqa: E731
-    said = [f"rank {r} failed: {errors[r][0]}" for r in sorted(errors, key=comm)]
+    said = [f"rank {r} failed: {tidy_error(errors[r][0])}" for r in sorted(errors, key=comm)]
     if silent and errors and all(comm(r) for r in errors):  # the others gave up waiting on them
         died.append(f"rank(s) {silent} stopped answering (hung?)")
     message = "; ".join((died + said)[:2]) or "a rank failed"
