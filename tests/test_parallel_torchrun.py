@@ -1,6 +1,7 @@
 """``torchrun -m workbench generate --tp/--pp`` on 2 gloo ranks, the way the README starts a job:
-one device's tokens (one agent, or two meeting through the multi-node rendezvous), and the fault bar - a rank killed or hung mid-run ends the job with an error
-within 60 s and leaves no process behind. (The notebook launcher's faults: test_parallel_launch.py.)
+one device's tokens (one agent, or two meeting through the multi-node rendezvous), and the fault
+bar - a rank killed or hung mid-run ends the job with an error within 60 s and leaves no process
+behind. (The notebook launcher's faults: test_parallel_launch.py.)
 
 torchrun's agent stops the other ranks when one dies; a rank that hangs is found by its peers,
 whose collectives give up after ``--timeout`` seconds; the agent then sends the hung rank SIGTERM
