@@ -12,8 +12,9 @@ from workbench.parallel.engine import RankWorker
 from workbench.parallel.launch import launch
 from workbench.parallel.measure import DecodeBench, _Decoder
 from workbench.parallel.in_flight import (as_one_pass, bubble_formula_in_flight, decode_in_flight,
-                                          schedule_bubble_in_flight)
-from workbench.parallel.pipeline import StageEvent, bubble_formula, measured_bubble, schedule_bubble
+                                          replay_in_flight, schedule_bubble_in_flight)
+from workbench.parallel.pipeline import (StageEvent, bubble_formula, idle_share, measured_bubble,
+                                         replay_fill_drain, schedule_bubble)
 from workbench.parallel.plan import ParallelConfig
 
 
@@ -106,3 +107,16 @@ def test_in_flight_timetable_on_fill_drain_times(p, m, steps):
         assert in_flight == pytest.approx(fill_drain)
     else:
         assert in_flight < fill_drain - 1e-6
+    # the timelines behind both numbers: the same compute, each stage one item at a time, every
+    # item after the stage before finished it; the in-flight one ends no later
+    drained, flowing = replay_fill_drain(events, p), replay_in_flight(one, p, m)
+    assert idle_share(drained, p) == pytest.approx(fill_drain)  # passes back to back
+    for replayed in (drained, flowing):
+        assert sorted(round(e.end - e.start, 9) for e in replayed) == sorted(
+            round(e.end - e.start, 9) for e in events)
+        for stage in range(p):
+            mine = sorted((e for e in replayed if e.stage == stage), key=lambda e: e.start)
+            assert all(b.start >= a.end - 1e-9 for a, b in zip(mine, mine[1:]))
+    ends = {(e.stage, e.micro_batch): e.end for e in flowing}
+    assert all(e.start >= ends[(e.stage - 1, e.micro_batch)] - 1e-9 for e in flowing if e.stage)
+    assert max(ends.values()) <= max(e.end for e in drained) + 1e-9

@@ -19,10 +19,11 @@ import torch.distributed as dist
 from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
 from workbench.model.llama import LlamaModel
-from workbench.parallel.pipeline import StageEvent, now, stage_programs
+from workbench.parallel.pipeline import StageEvent, idle_share, now, stage_programs
 from workbench.parallel.plan import Mesh
 
-__all__ = ["as_one_pass", "bubble_formula_in_flight", "decode_in_flight", "schedule_bubble_in_flight"]
+__all__ = ["as_one_pass", "bubble_formula_in_flight", "decode_in_flight", "replay_in_flight",
+           "schedule_bubble_in_flight"]
 
 
 def bubble_formula_in_flight(p: int, m: int, steps: int) -> float:
@@ -33,23 +34,32 @@ def bubble_formula_in_flight(p: int, m: int, steps: int) -> float:
     return 1.0 - steps * m / (steps * max(m, p) + min(m, p) - 1)
 
 
-def schedule_bubble_in_flight(events: list[StageEvent], p: int, m: int) -> float:
-    """:func:`~workbench.parallel.pipeline.schedule_bubble` for :func:`decode_in_flight`'s one pass: its items ``k = t m + j``
-    replayed with their measured compute times and free hand-overs (stage s starts k once it
-    finished k - 1 and stage s - 1 finished k; stage 0 also once the last stage finished k - m,
-    the token it embeds). Between :func:`bubble_formula_in_flight` and this: unequal stages; from
-    this to the measured bubble: the hand-overs."""
-    took = {(e.stage, e.micro_batch): e.end - e.start for e in events}
-    n = 1 + max(k for _, k in took)
+def replay_in_flight(events: list[StageEvent], p: int, m: int) -> list[StageEvent]:
+    """:func:`decode_in_flight`'s one pass (items ``k = t m + j``) replayed with the measured
+    compute times and free hand-overs: stage s starts k once it finished k - 1 and stage s - 1
+    finished k; stage 0 also once the last stage finished k - m, the token it embeds. The timeline
+    behind :func:`schedule_bubble_in_flight` (notebook 05 draws it)."""
+    mine = {(e.stage, e.micro_batch): e for e in events}
+    n = 1 + max(k for _, k in mine)
     finish: dict[tuple[int, int], float] = {}
+    out: list[StageEvent] = []
     for k in range(n):
         for s in range(p):
             start = max(finish.get((s, k - 1), 0.0), finish.get((s - 1, k), 0.0))
             if s == 0:
                 start = max(start, finish.get((p - 1, k - m), 0.0))
-            finish[(s, k)] = start + took.get((s, k), 0.0)
-    span = finish[(p - 1, n - 1)]
-    return 1.0 - sum(took.values()) / (p * span) if span > 0 else 0.0
+            e = mine.get((s, k))
+            finish[(s, k)] = start + (e.end - e.start if e else 0.0)
+            if e:
+                out.append(replace(e, start=start, end=finish[(s, k)]))
+    return out
+
+
+def schedule_bubble_in_flight(events: list[StageEvent], p: int, m: int) -> float:
+    """:func:`~workbench.parallel.pipeline.schedule_bubble` for :func:`decode_in_flight`'s one
+    pass (:func:`replay_in_flight`). Between :func:`bubble_formula_in_flight` and this: unequal
+    stages; from this to the measured bubble: the hand-overs."""
+    return idle_share(replay_in_flight(events, p, m), p)
 
 
 def as_one_pass(events: list[StageEvent]) -> list[StageEvent]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -35,9 +35,9 @@ from workbench.model.llama import LlamaModel
 from workbench.parallel.plan import Mesh
 from workbench.plug import pluggable
 
-__all__ = ["StageEvent", "StageProgram", "bubble_formula", "gpipe_timetable", "measured_bubble",
-           "now", "pipeline_forward", "run_bubble", "run_stage", "schedule_bubble", "split_rows",
-           "stage_programs", "timetable_events"]
+__all__ = ["StageEvent", "StageProgram", "bubble_formula", "gpipe_timetable", "idle_share",
+           "measured_bubble", "now", "pipeline_forward", "replay_fill_drain", "run_bubble", "run_stage",
+           "schedule_bubble", "split_rows", "stage_programs", "timetable_events"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ def measured_bubble(events: list[StageEvent], p: int) -> float:
 
     A pass's span runs from its first stage's first start to its last stage's last end.
     """
+    return idle_share(events, p)
+
+
+def idle_share(events: list[StageEvent], p: int) -> float:
+    """:func:`measured_bubble`'s sum, which the replayed timetables use too (not a plug-in point:
+    a lab's own ``measured_bubble`` changes what is measured, not the timetables)."""
     busy = span = 0.0
     for step in sorted({e.step for e in events}):
         mine = [e for e in events if e.step == step]
@@ -97,28 +103,38 @@ def run_bubble(events: list[StageEvent], p: int) -> float:
     return 1.0 - sum(e.end - e.start for e in events) / (p * span) if span > 0 else 0.0
 
 
+def replay_fill_drain(events: list[StageEvent], p: int) -> list[StageEvent]:
+    """Each fill-drain pass of ``events`` replayed on GPipe's timetable with its *measured* compute
+    times and hand-overs that cost nothing (stage s starts micro-batch j once it finished j - 1 and
+    stage s - 1 finished j), the passes back to back from time 0: the timeline behind
+    :func:`schedule_bubble` (notebook 05 draws it)."""
+    out: list[StageEvent] = []
+    t0 = 0.0
+    for step in sorted({e.step for e in events}):
+        mine = {(e.stage, e.micro_batch): e for e in events if e.step == step}
+        m = 1 + max(j for _, j in mine)
+        finish: dict[tuple[int, int], float] = {}
+        for s in range(p):
+            for j in range(m):
+                start = max(finish.get((s - 1, j), t0), finish.get((s, j - 1), t0))
+                e = mine.get((s, j))
+                finish[(s, j)] = start + (e.end - e.start if e else 0.0)
+                if e:
+                    out.append(replace(e, start=start, end=finish[(s, j)]))
+        t0 = finish[(p - 1, m - 1)]
+    return out
+
+
 def schedule_bubble(events: list[StageEvent], p: int) -> float:
     """The bubble of GPipe's fill-drain with the *measured* compute time of every (stage,
-    micro-batch) and hand-overs that cost nothing: each pass replayed on the timetable (stage s
-    starts micro-batch j once it finished j - 1 and stage s - 1 finished j), the idle share summed
-    over passes as in :func:`measured_bubble`.
+    micro-batch) and hand-overs that cost nothing (:func:`replay_fill_drain`), the idle share
+    summed over passes as in :func:`measured_bubble`.
 
     It splits the gap between the measured bubble and ``(p - 1) / (m + p - 1)`` in two: from the
     formula to this, unequal stages and micro-batches; from this to the measured bubble, what the
     hand-overs (send/recv and the waits they cause) cost. The measured bubble is never below it.
     """
-    busy = span = 0.0
-    for step in sorted({e.step for e in events}):
-        took = {(e.stage, e.micro_batch): e.end - e.start for e in events if e.step == step}
-        m = 1 + max(j for _, j in took)
-        finish: dict[tuple[int, int], float] = {}
-        for s in range(p):
-            for j in range(m):
-                start = max(finish.get((s - 1, j), 0.0), finish.get((s, j - 1), 0.0))
-                finish[(s, j)] = start + took.get((s, j), 0.0)
-        span += finish[(p - 1, m - 1)]
-        busy += sum(took.values())
-    return 1.0 - busy / (p * span) if span > 0 else 0.0
+    return idle_share(replay_fill_drain(events, p), p)
 
 
 def split_rows(batch: ForwardBatch, m: int) -> list[tuple[slice, ForwardBatch]]:
