@@ -218,5 +218,5 @@ def bench_budgets(model, requests, bench: PagedBench, budgets_gib: list[float],
                          "output_tok_s": summarize(run.traces, run.seconds)["output_tok_s"],
                          "real_fraction": kv["real_fraction"], "peak_running": kv["peak_running"],
                          "mean_running": kv["mean_running"], "preemptions": kv["preemptions"],
-                         **({"runs_s": runs_s} if repeats > 1 else {})})
+                         "steps": kv["steps"], **({"runs_s": runs_s} if repeats > 1 else {})})
     return rows
