@@ -14,18 +14,15 @@ no process behind (on gloo: ``tests/test_parallel_launch.py``).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.test_parallel_launch import _assert_gone
+from tests.test_parallel_launch import _assert_gone, tp_group
 from workbench.cli import main
 from workbench.errors import WorkbenchError
+from workbench.parallel.faults import fail_on_purpose
 from workbench.parallel.launch import launch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -53,31 +50,6 @@ def test_agree_with_ranks_sharing_the_gpu(tmp_path):
     assert report["checks"]["all_within_tolerance"]
 
 
-def _fault_on_nccl(ctx, pid_dir: str, action: str, subgroup: bool):
-    from workbench.model.presets import preset_config
-    from workbench.parallel.plan import ParallelConfig, make_mesh
-
-    Path(pid_dir, f"{ctx.rank}.pid").write_text(str(os.getpid()))
-    group = None
-    if subgroup:  # a TP group made by make_mesh, with the job's timeout
-        group = make_mesh(ctx.rank, ctx.world_size, preset_config("llama-3.1-8b"),
-                          ParallelConfig(tp=2), ctx.backend, ctx.timeout_s).tp_group
-    x = torch.ones(1024, device=ctx.device)
-
-    def all_reduce() -> None:
-        dist.all_reduce(x, group=group)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()  # NCCL returns at once: wait here for the peer
-
-    all_reduce()  # both ranks are in: the communicator works
-    if ctx.rank == 1:
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(600)  # hang: never joins the next all-reduce
-    all_reduce()
-    return float(x[0])
-
-
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one NCCL rank each)")
 @pytest.mark.parametrize("action", ["kill", "hang"])
 @pytest.mark.parametrize("subgroup", [False, True])
@@ -85,8 +57,8 @@ def test_a_failing_nccl_rank_stops_the_job(tmp_path, action, subgroup):
     start = time.monotonic()
     with pytest.raises(WorkbenchError, match=r"parallel job failed: .*all ranks stopped") as err:
         # the job's limit (50 s) only guards the test: NCCL's own timeout (5 s) must end it first
-        launch(_fault_on_nccl, 2, str(tmp_path), action, subgroup, device="cuda",
-               timeout_s=50, collective_timeout_s=5)
+        launch(fail_on_purpose, 2, action, pid_dir=str(tmp_path), group=tp_group if subgroup else None,
+               device="cuda", timeout_s=50, collective_timeout_s=5)
     assert time.monotonic() - start < 60, str(err.value)
     if action == "kill":
         assert "rank 1 killed by signal SIGKILL" in str(err.value)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
-from workbench.parallel.launch import fail_on_purpose, free_port, launch
+from workbench.parallel.faults import fail_on_purpose
+from workbench.parallel.launch import free_port, launch
 
 
 def _assert_gone(pid_dir: Path, world: int) -> None:
@@ -59,16 +59,13 @@ def test_gloo_ranks_may_share_a_gpu_nccl_ranks_may_not(monkeypatch):
         _resolve("cuda", "auto", 2)
 
 
-def _hang_in_a_tp_group(ctx, pid_dir: str):
+def tp_group(ctx):
+    """A TP group of make_mesh (TP 2 of the 8B shape's heads), with the job's timeout."""
     from workbench.model.presets import preset_config
     from workbench.parallel.plan import ParallelConfig, make_mesh
 
-    Path(pid_dir, f"{ctx.rank}.pid").write_text(str(os.getpid()))
-    mesh = make_mesh(ctx.rank, ctx.world_size, preset_config("llama-3.1-8b"),
-                     ParallelConfig(tp=2), ctx.backend, ctx.timeout_s)
-    if ctx.rank == 1:
-        time.sleep(600)
-    dist.all_reduce(torch.ones(1), group=mesh.tp_group)  # a TP group's collective, not WORLD's
+    return make_mesh(ctx.rank, ctx.world_size, preset_config("llama-3.1-8b"), ParallelConfig(tp=2),
+                     ctx.backend, ctx.timeout_s).tp_group
 
 
 def test_a_hang_in_a_subgroup_times_out_like_the_world_group(tmp_path):
@@ -76,7 +73,8 @@ def test_a_hang_in_a_subgroup_times_out_like_the_world_group(tmp_path):
     gives its groups the job's, so a job with no overall limit still ends when a rank hangs."""
     start = time.monotonic()
     with pytest.raises(WorkbenchError, match=r"rank\(s\) \[1\] stopped answering \(hung\?\)"):
-        launch(_hang_in_a_tp_group, 2, str(tmp_path), timeout_s=math.inf, collective_timeout_s=3)
+        launch(fail_on_purpose, 2, "hang", pid_dir=str(tmp_path), group=tp_group,  # not WORLD's
+               timeout_s=math.inf, collective_timeout_s=3)
     assert time.monotonic() - start < 60
     _assert_gone(tmp_path, 2)
 

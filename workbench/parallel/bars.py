@@ -138,26 +138,26 @@ def _agree_bars(name: str, report: dict) -> list[Bar]:
 def judge(reports: dict[str, dict]) -> list[Bar]:
     """Every bar the files in ``reports`` (name -> the JSON a ``bench tp`` / ``pp`` / ``agree``
     wrote) measure, then one line for each bar none of them measured."""
-    bars: list[Bar] = []
+    found: dict[str, list[Bar]] = {"step within 1.25x of its floor": [],
+                                   "TP 4 / TP 2 over TP 1 at batch 32": [],
+                                   "PP bubble vs formula": [], "bf16 agreement": []}
+    floor, speedup, bubble, agree = found.values()
     on_h100 = []
     for name, report in reports.items():
         kind = report.get("benchmark")
         if kind == "tp":
-            bars += _floor_bars(name, report) + _speedup_bars(name, report)
+            floor += _floor_bars(name, report)
+            speedup += _speedup_bars(name, report)
             tps = {r["tp"] for r in report["results"] if not r.get("alone")}
             if "H100" in report.get("hardware", {}).get("device", "") and {1, 2, 4} <= tps:
                 on_h100.append(name)
         elif kind == "pp":
-            bars += _bubble_bars(name, report)
+            bubble += _bubble_bars(name, report)
         elif kind == "agree":
-            bars += _agree_bars(name, report)
-    seen = " ".join(b.bar for b in bars)
-    for label, marker in (("step within 1.25x of its floor", "step / floor"),
-                          ("TP 4 / TP 2 over TP 1 at batch 32", "/ TP 1 at batch 32"),
-                          ("PP bubble vs formula", "|bubble - formula|"),
-                          ("bf16 agreement", "bf16 ")):
-        if marker not in seen:
-            bars.append(Bar(label, None, "", None, "", "no file measured it"))
+            agree += _agree_bars(name, report)
+    bars = [b for measured in found.values() for b in measured]
+    bars += [Bar(label, None, "", None, "", "no file measured it")
+             for label, measured in found.items() if not measured]
     bars.append(Bar("TP 1, 2 and 4 on H100s in one run", None, "one tp file", bool(on_h100) or None,
                     ", ".join(on_h100), "" if on_h100 else "no such file"))
     return bars

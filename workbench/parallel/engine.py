@@ -257,7 +257,8 @@ def run_cli_job(job: GenerateJob, device: str, timeout_s: float = 300.0) -> Engi
     may run as long as it needs (a real prompt file on a CPU can take hours)."""
     _check(job)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        from workbench.parallel.launch import init_distributed, is_comm_error, shutdown, tidy_error
+        from workbench.parallel.faults import is_comm_error, tidy_error
+        from workbench.parallel.launch import init_distributed, shutdown
 
         try:
             ctx = init_distributed(device, "auto", timeout_s)

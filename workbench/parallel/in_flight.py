@@ -19,7 +19,8 @@ import torch.distributed as dist
 from workbench.kv.contiguous import ContiguousKVCache
 from workbench.model.batch import ForwardBatch
 from workbench.model.llama import LlamaModel
-from workbench.parallel.pipeline import StageEvent, idle_share, now, stage_programs
+from workbench.parallel.pipeline import (StageEvent, idle_share, now, one_pass_items, replay_timetable,
+                                         stage_programs)
 from workbench.parallel.plan import Mesh
 
 __all__ = ["as_one_pass", "bubble_formula_in_flight", "decode_in_flight", "replay_in_flight",
@@ -36,23 +37,10 @@ def bubble_formula_in_flight(p: int, m: int, steps: int) -> float:
 
 def replay_in_flight(events: list[StageEvent], p: int, m: int) -> list[StageEvent]:
     """:func:`decode_in_flight`'s one pass (items ``k = t m + j``) replayed with the measured
-    compute times and free hand-overs: stage s starts k once it finished k - 1 and stage s - 1
-    finished k; stage 0 also once the last stage finished k - m, the token it embeds. The timeline
-    behind :func:`schedule_bubble_in_flight` (notebook 05 draws it)."""
-    mine = {(e.stage, e.micro_batch): e for e in events}
-    n = 1 + max(k for _, k in mine)
-    finish: dict[tuple[int, int], float] = {}
-    out: list[StageEvent] = []
-    for k in range(n):
-        for s in range(p):
-            start = max(finish.get((s, k - 1), 0.0), finish.get((s - 1, k), 0.0))
-            if s == 0:
-                start = max(start, finish.get((p - 1, k - m), 0.0))
-            e = mine.get((s, k))
-            finish[(s, k)] = start + (e.end - e.start if e else 0.0)
-            if e:
-                out.append(replace(e, start=start, end=finish[(s, k)]))
-    return out
+    compute times and free hand-overs (:func:`~workbench.parallel.pipeline.replay_timetable`):
+    stage 0 starts k once the last stage finished k - m, the token it embeds. The timeline behind
+    :func:`schedule_bubble_in_flight` (notebook 05 draws it)."""
+    return replay_timetable({(e.stage, e.micro_batch): e for e in events}, p, lambda k: k - m)
 
 
 def schedule_bubble_in_flight(events: list[StageEvent], p: int, m: int) -> float:
@@ -67,9 +55,7 @@ def as_one_pass(events: list[StageEvent]) -> list[StageEvent]:
     of one in-flight pass, so that :func:`schedule_bubble_in_flight` replays the in-flight timetable
     with *the same* measured stage times as :func:`~workbench.parallel.pipeline.schedule_bubble`.
     The two timetables then differ only in their order: a comparison free of run-to-run noise."""
-    m = 1 + max(e.micro_batch for e in events)
-    order = {t: i for i, t in enumerate(sorted({e.step for e in events}))}
-    return [replace(e, step=0, micro_batch=order[e.step] * m + e.micro_batch) for e in events]
+    return [replace(e, step=0, micro_batch=k) for (_, k), e in one_pass_items(events)[1].items()]
 
 
 def decode_in_flight(model: LlamaModel, mesh: Mesh, tokens: torch.Tensor, kv: ContiguousKVCache,

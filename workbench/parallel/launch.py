@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
-import re
 import signal
 import socket
 import threading
@@ -39,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
+from workbench.parallel.faults import is_comm_error, tidy_error
 from workbench.parallel.plugins import installed, pack_active
 
-__all__ = ["DistContext", "fail_on_purpose", "free_port", "in_sequence", "init_distributed", "is_comm_error",
-           "launch", "shutdown", "tidy_error"]
+__all__ = ["DistContext", "free_port", "in_sequence", "init_distributed", "launch", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -263,27 +262,6 @@ def launch(fn: Callable, world_size: int, *args: Any, device: str = "cpu", backe
     return [out[r] for r in range(world_size)]
 
 
-_COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "broken pipe")
-
-
-def is_comm_error(err: BaseException | str) -> bool:
-    """Whether ``err`` (an exception, or its one-line text) is a collective that failed because
-    a peer died or stopped answering: a ``torch.distributed`` error, or gloo's and NCCL's plain
-    RuntimeError that names a timeout or a lost connection."""
-    if isinstance(err, dist.DistError):
-        return True
-    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    return any(w in text.lower() for w in _COMM_WORDS)
-
-
-def tidy_error(text: str) -> str:
-    """A rank's one-line error without the C++ source location and the advice gloo appends:
-    ``RuntimeError: [.../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:43745.
-    This is typically caused by ...`` -> ``RuntimeError: Connection closed by peer [127.0.0.1]:43745``."""
-    text = re.sub(r"\[[^\]\s]+\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)
-    return re.split(r"\.\s+This is typically", text)[0]
-
-
 def _fail(results: Any, procs: list, done: dict, errors: dict[int, tuple[str, str]]) -> None:
     """Stop every rank, then raise one error that names the root cause first.
 
@@ -319,37 +297,3 @@ def in_sequence(ctx: DistContext, calls: list[tuple[Callable, tuple]]) -> list[A
     ``launch(in_sequence, n, [(generate_worker, (jobs,)), (decode_worker, (bench,))])``."""
     return [fn(ctx, *args) for fn, args in calls]
 
-
-FAULTS = ("raise", "kill", "hang")
-
-
-def fail_on_purpose(ctx: DistContext, how: str, victim: int = 1, pid_dir: str | None = None) -> int:
-    """A rank function that fails on purpose, to watch a job end (notebook 04, the tests).
-
-    Every rank joins a first all-reduce (the job works), then rank ``victim`` raises (``"raise"``),
-    dies without a word (``"kill"``: SIGKILL, as the out-of-memory killer or a lost node would) or
-    hangs (``"hang"``: never joins the next collective) while the others wait for it in a second
-    all-reduce. ``pid_dir``: each rank writes its process id there (``<rank>.pid``), so that a
-    test can check that none is left. Returns the rank on the ranks that get through.
-    """
-    if how not in FAULTS:
-        raise WorkbenchError(f"how must be one of {', '.join(FAULTS)}, got {how!r}")
-    if pid_dir is not None:
-        with open(os.path.join(pid_dir, f"{ctx.rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
-    x = torch.ones(1, device=ctx.device)
-
-    def all_reduce() -> None:
-        dist.all_reduce(x)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()  # NCCL returns at once: wait where the peer is missing
-
-    all_reduce()
-    if ctx.rank == victim:
-        if how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if how == "hang":
-            time.sleep(3600)
-        raise ValueError(f"rank {victim} failed on purpose")
-    all_reduce()
-    return ctx.rank

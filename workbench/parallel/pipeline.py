@@ -36,8 +36,9 @@ from workbench.parallel.plan import Mesh
 from workbench.plug import pluggable
 
 __all__ = ["StageEvent", "StageProgram", "bubble_formula", "gpipe_timetable", "idle_share",
-           "measured_bubble", "now", "pipeline_forward", "replay_fill_drain", "run_bubble", "run_stage",
-           "schedule_bubble", "split_rows", "stage_programs", "timetable_events"]
+           "measured_bubble", "now", "one_pass_items", "pipeline_forward", "replay_fill_drain",
+           "replay_timetable", "run_bubble", "run_stage", "schedule_bubble", "split_rows",
+           "stage_programs", "timetable_events"]
 
 
 @dataclass(frozen=True)
@@ -103,26 +104,42 @@ def run_bubble(events: list[StageEvent], p: int) -> float:
     return 1.0 - sum(e.end - e.start for e in events) / (p * span) if span > 0 else 0.0
 
 
-def replay_fill_drain(events: list[StageEvent], p: int) -> list[StageEvent]:
-    """Each fill-drain pass of ``events`` replayed on GPipe's timetable with its *measured* compute
-    times and hand-overs that cost nothing (stage s starts micro-batch j once it finished j - 1 and
-    stage s - 1 finished j), the passes back to back from time 0: the timeline behind
-    :func:`schedule_bubble` (notebook 05 draws it)."""
+def replay_timetable(items: dict[tuple[int, int], StageEvent], p: int,
+                     back: Callable[[int], int]) -> list[StageEvent]:
+    """Items ``(stage, k)`` of one pass replayed in the order of k with their *measured* compute
+    times and hand-overs that cost nothing: stage s starts k once it finished k - 1 and stage s - 1
+    finished k; stage 0 also once the last stage finished item ``back(k)`` (none if negative).
+    Returns the events with their replayed start and end, from time 0."""
+    n = 1 + max(k for _, k in items)
+    finish: dict[tuple[int, int], float] = {}
     out: list[StageEvent] = []
-    t0 = 0.0
-    for step in sorted({e.step for e in events}):
-        mine = {(e.stage, e.micro_batch): e for e in events if e.step == step}
-        m = 1 + max(j for _, j in mine)
-        finish: dict[tuple[int, int], float] = {}
+    for k in range(n):
         for s in range(p):
-            for j in range(m):
-                start = max(finish.get((s - 1, j), t0), finish.get((s, j - 1), t0))
-                e = mine.get((s, j))
-                finish[(s, j)] = start + (e.end - e.start if e else 0.0)
-                if e:
-                    out.append(replace(e, start=start, end=finish[(s, j)]))
-        t0 = finish[(p - 1, m - 1)]
+            start = max(finish.get((s, k - 1), 0.0), finish.get((s - 1, k), 0.0))
+            if s == 0:
+                start = max(start, finish.get((p - 1, back(k)), 0.0))
+            e = items.get((s, k))
+            finish[(s, k)] = start + (e.end - e.start if e else 0.0)
+            if e:
+                out.append(replace(e, start=start, end=finish[(s, k)]))
     return out
+
+
+def one_pass_items(events: list[StageEvent]) -> tuple[int, dict[tuple[int, int], StageEvent]]:
+    """Fill-drain steps' events keyed as the items ``k = t m + j`` of one pass (step t in order,
+    micro-batch j of m): ``(m, {(stage, k): event})``."""
+    m = 1 + max(e.micro_batch for e in events)
+    order = {t: i for i, t in enumerate(sorted({e.step for e in events}))}
+    return m, {(e.stage, order[e.step] * m + e.micro_batch): e for e in events}
+
+
+def replay_fill_drain(events: list[StageEvent], p: int) -> list[StageEvent]:
+    """Each fill-drain pass of ``events`` replayed on GPipe's timetable (:func:`replay_timetable`:
+    a pass's first micro-batch enters stage 0 once the last stage finished the pass before), the
+    passes back to back from time 0: the timeline behind :func:`schedule_bubble` (notebook 05
+    draws it)."""
+    m, items = one_pass_items(events)
+    return replay_timetable(items, p, lambda k: k - 1 if k % m == 0 else -1)
 
 
 def schedule_bubble(events: list[StageEvent], p: int) -> float:
