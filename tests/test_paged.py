@@ -299,4 +299,6 @@ def test_fused_decode_step_equals_the_model_forward(model):
         mp.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
         FusedDecoder(model, engine.kv, compile="max-autotune-no-cudagraphs", attention="gather")
         FusedDecoder(model, engine.kv, compile=True, attention="gather")
-    assert [o["mode"] for o in seen] == ["max-autotune-no-cudagraphs"] * 5 + [None] * 5
+    assert [o["mode"] for o in seen] == ["max-autotune-no-cudagraphs"] * 7 + [None] * 7
+    with pytest.raises(WorkbenchError, match="reduce_norm takes the place of reduce"):
+        FusedDecoder(model, engine.kv, compile=False, attention="gather", reduce_norm=object())

@@ -41,6 +41,13 @@ def test_a_step_is_set_against_the_floor_of_its_own_all_reduce():
     assert bars["TP 1, 2 and 4 on H100s in one run"].met is None  # no TP 2 row in the file
 
 
+def test_the_fused_all_reduce_is_set_against_the_one_shots_floor():
+    rows = [_tp_row(2, 1, step_ms=9.0, floor_ms=3.0, floor_graph_ar_ms=2.8, floor_symm_ms=2.5,
+                    fast_step_ms=3.6, fast_symm_step_ms=3.4, fast_fused_step_ms=3.0)]
+    bar = judge({"tp.json": {"benchmark": "tp", "hardware": H100, "results": rows}})[0]
+    assert bar.value == pytest.approx(3.0 / 2.5) and bar.met and "fast_fused 3.00 ms" in bar.note
+
+
 def test_an_older_file_falls_back_to_the_eager_floor_and_says_so():
     rows = [_tp_row(2, 1, step_ms=50.0, floor_ms=4.0, graph_step_ms=4.8)]
     bar = judge({"old.json": {"benchmark": "tp", "hardware": H100, "results": rows}})[0]

@@ -1,12 +1,14 @@
 """What one GPU can check of the parallel code (skipped without CUDA; run on the device machine).
 
-* ``bench tp --alone --symm-mem``: the one-shot all-reduce through symmetric memory over a rank
-  alone, inside the fast step - a sum over one rank changes nothing, so the step's logits are the
-  eager step's;
+* ``bench tp --alone --symm-mem --fused-allreduce``: the one-shot all-reduce through symmetric
+  memory over a rank alone, inside the fast step, plain and fused into the next norm - a sum over
+  one rank changes nothing, so the step's logits are the eager step's; and the fused kernel's
+  timeout: a peer that never arrives makes it trap, not hang;
 * ``bench agree --backend gloo``: TP ranks sharing the GPU (gloo's all-reduce on CUDA tensors),
   the bf16 logits within twice one device's own bf16 error.
 
-With 2 GPUs or more (one NCCL rank each), the fault bar over NCCL: a rank killed or hung between two
+With 2 GPUs or more (one NCCL rank each), the fused all-reduce across GPUs (fp32: the eager step's
+logits), and the fault bar over NCCL: a rank killed or hung between two
 all-reduces, on the job's group or a TP subgroup, ends the job with an error within 60 s and leaves
 no process behind (on gloo: ``tests/test_parallel_launch.py``).
 """
@@ -29,16 +31,66 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 def test_alone_with_the_one_shot_over_a_rank_alone(tmp_path):
+    """Both symmetric-memory all-reduces over a rank alone: the one-shot, and the one fused into
+    the residual add and the next norm (o_proj and down writing into its buffers)."""
     out = tmp_path / "alone.json"
-    assert main(["bench", "tp", "--tp", "1,2", "--alone", "--fast", "--symm-mem", "--batch-sizes", "2",
-                 "--context-len", "6", "--steps", "2", "--warmup", "1", "--device", "cuda",
-                 "--dtype", "float32", "--json", str(out)]) == 0
+    assert main(["bench", "tp", "--tp", "1,2", "--alone", "--fast", "--symm-mem", "--fused-allreduce",
+                 "--batch-sizes", "2", "--context-len", "6", "--steps", "2", "--warmup", "1",
+                 "--device", "cuda", "--dtype", "float32", "--json", str(out)]) == 0
     rows = {r["tp"]: r for r in json.loads(out.read_text())["results"]}
     two = rows[2]
     assert not any(k.endswith("_error") for k in two), two
-    assert two["fast_symm_step_ms"] > 0 and two["fast_symm_token_agreement"] == 1.0
-    assert two["fast_symm_max_abs_logit_diff"] < 1e-3  # fp32: the same sums as the eager step
-    assert "fast_symm_step_ms" not in rows[1]  # TP 1 has no all-reduce to run
+    for key in ("fast_symm", "fast_fused"):
+        assert two[f"{key}_step_ms"] > 0 and two[f"{key}_token_agreement"] == 1.0
+        assert two[f"{key}_max_abs_logit_diff"] < 1e-3  # fp32: the same sums as the eager step
+        assert f"{key}_step_ms" not in rows[1]  # TP 1 has no all-reduce to run
+
+
+_NEVER_ARRIVES = """
+import time, torch
+from workbench.parallel.allreduce_norm import allreduce_add_rms
+dev = torch.device("cuda")
+buffers = [torch.zeros(64, device=dev) for _ in range(2)]
+pads = [torch.zeros(2, dtype=torch.int32, device=dev) for _ in range(2)]
+address = lambda ts: torch.tensor([t.data_ptr() for t in ts], device=dev)
+start = time.monotonic()
+try:
+    allreduce_add_rms(address(buffers), address(pads), 0, torch.zeros(1, 64, device=dev),
+                      torch.ones(64, device=dev), 1e-5, 0, timeout_s=1.0)
+    torch.cuda.synchronize()
+    print("returned")
+except Exception as e:
+    print(f"raised after {time.monotonic() - start:.1f} s: {type(e).__name__}: {e}")
+    raise SystemExit(3)
+"""
+
+
+def test_a_peer_that_never_arrives_traps_the_fused_allreduce():
+    """Rank 0 of a fake pair whose peer never signals: the fused kernel spins until its timeout,
+    then traps - the host's next synchronization raises (the CUDA context is lost, so this runs
+    in a process of its own) instead of a CUDA graph waiting forever."""
+    import subprocess
+    import sys
+
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", _NEVER_ARRIVES], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 3, run.stdout + run.stderr[-2000:]
+    assert "raised after" in run.stdout and time.monotonic() - start < 60, run.stdout
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one NCCL rank each)")
+def test_fused_allreduce_over_two_gpus_gives_the_eager_step(tmp_path):
+    """TP 2 over two GPUs: the fused all-reduce reads the peer's partial sums over NVLink after
+    the barrier; in fp32 the step's logits are the eager step's (NCCL's sums)."""
+    out = tmp_path / "tp2.json"
+    assert main(["bench", "tp", "--tp", "2", "--fast", "--fused-allreduce", "--batch-sizes", "1,3",
+                 "--context-len", "6", "--steps", "2", "--warmup", "1", "--device", "cuda",
+                 "--dtype", "float32", "--json", str(out)]) == 0
+    for row in json.loads(out.read_text())["results"]:
+        assert not any(k.endswith("_error") for k in row), row
+        assert row["fast_fused_token_agreement"] == 1.0, row
+        assert row["fast_fused_max_abs_logit_diff"] < 1e-3, row
 
 
 def test_agree_with_ranks_sharing_the_gpu(tmp_path):

@@ -266,3 +266,78 @@ else:
         write_tiny_checkpoint(tmp_path, biased, seed=3)
         diffs = launch(_fast_vs_plain, 2, str(tmp_path), 3, "triton-rope", "triton", timeout_s=300)
         assert max(diffs) < 1e-4, diffs
+
+    FUSED_AR = [  # world, rows, hidden, dtype, bias
+        (1, 1, 64, torch.float32, False), (2, 3, 48, torch.float32, True),
+        (4, 5, 64, torch.float32, True), (4, 2, 40, torch.bfloat16, False)]
+
+    @pytest.mark.parametrize("world,rows,n,dtype,bias", FUSED_AR)
+    def test_fused_allreduce_sums_every_rank_then_adds_and_norms(world, rows, n, dtype, bias):
+        """The fused all-reduce kernel (:mod:`workbench.parallel.allreduce_norm`) over plain
+        tensors standing for the ranks' buffers and signal pads, every peer already arrived:
+        rank ``world - 1`` sums all ``world`` partial sums at the second buffer's offset, adds
+        the bias and the residual (in place) and applies RMSNorm as the unfused step does; it
+        consumes each peer's flag and leaves its own in every peer's pad."""
+        from workbench.parallel.allreduce_norm import allreduce_add_rms, reference_add_rms
+
+        g = torch.Generator().manual_seed(world * 100 + rows)
+        max_rows, rank = rows + 2, world - 1
+        buffers = [torch.randn(2 * max_rows * n, generator=g).to(dtype) for _ in range(world)]
+        pads = [torch.zeros(max_rows * world, dtype=torch.int32) for _ in range(world)]
+        for r in range(rows):  # every peer's row r is written (the rank's own flag: its kernel's)
+            pads[rank][r * world:(r + 1) * world] = 1
+            pads[rank][r * world + rank] = 0
+        residual = torch.randn(rows, n, generator=g).to(dtype)
+        weight = torch.randn(n, generator=g).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        offset = max_rows * n
+        partials = [t[offset:offset + rows * n].view(rows, n) for t in buffers]
+        want_h, want_r = reference_add_rms(partials, residual.clone(), weight, 1e-5, b)
+        address = lambda ts: torch.tensor([t.data_ptr() for t in ts])  # noqa: E731
+        h = allreduce_add_rms(address(buffers), address(pads), offset, residual, weight, 1e-5,
+                              rank, b)
+        tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-2, atol=7e-2)
+        torch.testing.assert_close(residual, want_r, **tol)  # updated in place
+        torch.testing.assert_close(h, want_h, **({"rtol": 1e-6, "atol": 1e-6}
+                                                  if dtype == torch.float32 else tol))
+        assert not pads[rank].any()  # every flag consumed
+        for p in range(world - 1):  # this rank's flag for each row, waiting in every peer's pad
+            assert pads[p].view(max_rows, world)[:rows, rank].tolist() == [1] * rows
+            assert pads[p].sum() == rows
+
+    def test_fused_allreduce_refuses_what_does_not_fit():
+        from workbench.errors import WorkbenchError
+        from workbench.parallel.allreduce_norm import allreduce_add_rms
+
+        two = torch.zeros(2, dtype=torch.int64)
+        with pytest.raises(WorkbenchError, match="do not fit"):
+            allreduce_add_rms(two, torch.zeros(3, dtype=torch.int64), 0, torch.zeros(1, 8),
+                              torch.ones(8), 1e-5, 0)
+        with pytest.raises(WorkbenchError, match="must be"):
+            allreduce_add_rms(two, two, 0, torch.zeros(1, 8), torch.ones(4), 1e-5, 1)
+
+    @pytest.mark.parametrize("checkpoint", ["bundled", "biased"])
+    def test_fast_path_with_the_fused_allreduce_matches_gather(checkpoint, tmp_path):
+        """The step whose o_proj and down write into the all-reduce's buffers and whose fused
+        kernel adds the residual and applies the next norm (a rank alone, plain memory) gives the
+        gather path's logits: the bundled model, and a checkpoint with biases on every
+        projection (each bias added once, after the sum); its flags all consumed after."""
+        from tests.helpers import tiny_config, write_tiny_checkpoint
+        from workbench.model.loading import load_model
+        from workbench.parallel.allreduce_norm import AllReduceAddNorm
+
+        if checkpoint == "biased":
+            write_tiny_checkpoint(tmp_path, tiny_config(
+                vocab_size=80, hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, qkv_bias=True, o_bias=True, mlp_bias=True),
+                seed=3)
+        with torch_threads(1):
+            model = load_model("bundled" if checkpoint == "bundled" else str(tmp_path))
+            fused = AllReduceAddNorm(None, 3, model.config.hidden_size, torch.float32,
+                                     torch.device("cpu"))
+            rows = ([9, 40, 17], [11, 22, 33], 16)
+            want = _step_logits(model, *rows, attention="gather")
+            got = _step_logits(model, *rows, attention="triton-rope", reduce_norm=fused)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert not fused._pad.any() and fused.phase == 0

@@ -1,6 +1,6 @@
 """``bench tp`` and ``bench pp``: decode step time on TP / PP grids of real ranks, against the floor.
 
-    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A] [--fast-linear L]] [--symm-mem] [--profile] [--alone]
+    workbench bench tp --json OUT.json [--model M] [--tp 1,2,4] [--batch-sizes 1,32] [--cuda-graphs] [--fast [--fast-attention A] [--fast-linear L]] [--symm-mem] [--fused-allreduce] [--profile] [--alone]
     workbench bench pp --json OUT.json [--model M] [--pp 1,2,4] [--micro-batches 1,2,4,8] [--cuda-graphs] [--in-flight]
 
 One job per world size (gloo on CPU, NCCL on GPUs, spawned by :func:`workbench.parallel.launch`:
@@ -60,11 +60,15 @@ def add_parser(bench_sub) -> None:
             b.add_argument("--symm-mem", action="store_true",
                            help="also the fast path with the one-shot all-reduce through symmetric "
                                 "memory (GPU, TP > 1; workbench.parallel.allreduce)")
+            b.add_argument("--fused-allreduce", action="store_true",
+                           help="also the fast path with the one-shot all-reduce fused into the "
+                                "residual add and the next RMSNorm, the products writing into "
+                                "its buffers (GPU, TP > 1; workbench.parallel.allreduce_norm)")
             b.add_argument("--alone", action="store_true",
                            help="every TP grid as one process holding TP rank 0's shard, its "
                                 "all-reduces left out: one GPU times what each rank computes "
-                                "(not a TP step: no communication); with --symm-mem also with the "
-                                "one-shot all-reduce over the rank alone (its kernels' cost, no "
+                                "(not a TP step: no communication); with --symm-mem (--fused-allreduce) also with the "
+                                "one-shot (fused) all-reduce over the rank alone (its kernels' cost, no "
                                 "peer: a lower bound of the TP step)")
             b.add_argument("--profile", action="store_true",
                            help="a torch.profiler table of rank 0's fastest step per row (GPU: "
@@ -101,10 +105,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.context_len < 1 or args.steps < 1 or args.warmup < 0:
         raise WorkbenchError("--context-len and --steps must be >= 1, --warmup >= 0")
     batches = _ints(args.batch_sizes, "batch-sizes")
-    graphs = args.cuda_graphs or getattr(args, "fast", False) or getattr(args, "symm_mem", False)
+    graphs = args.cuda_graphs or any(getattr(args, k, False)
+                                     for k in ("fast", "symm_mem", "fused_allreduce"))
     if graphs and device.type != "cuda":
-        print("--cuda-graphs / --fast / --symm-mem replay CUDA graphs, which need a GPU: timing the "
-              "eager step only")
+        print("--cuda-graphs / --fast / --symm-mem / --fused-allreduce replay CUDA graphs, which "
+              "need a GPU: timing the eager step only")
     if args.bench_name == "tp":
         grids = tuple(ParallelConfig(tp=t) for t in _ints(args.tp, "tp"))
     else:
@@ -128,6 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     bench = DecodeBench(args.model, grids, batches, args.context_len, args.steps, args.warmup,
                         dtype, cuda_graphs=args.cuda_graphs,
                         fast=getattr(args, "fast", False), symm_mem=getattr(args, "symm_mem", False),
+                        fused_allreduce=getattr(args, "fused_allreduce", False),
                         fast_attention=getattr(args, "fast_attention", "auto"),
                         fast_linear=getattr(args, "fast_linear", "auto"),
                         in_flight=getattr(args, "in_flight", False),
@@ -154,7 +160,8 @@ def run(args: argparse.Namespace) -> dict:
         graph = "".join(f"  {k} {r[f'{k}_step_ms']:.2f} ms (x{r[f'{k}_over_floor']:.2f}"
                         + "".join(f", x{r[f'{k}_over_floor_{f}']:.2f} with the {f} floor"
                                   for f in ("graph_ar", "symm") if f"{k}_over_floor_{f}" in r)
-                        + ")" for k in ("graph", "fast", "fast_symm") if f"{k}_step_ms" in r)
+                        + ")" for k in ("graph", "fast", "fast_symm", "fast_fused")
+                        if f"{k}_step_ms" in r)
         if "in_flight_step_ms" in r:
             graph += f"  in flight {r['in_flight_step_ms']:.2f} ms (x{r['in_flight_speedup']:.2f} faster"
             graph += (f", bubble {r['in_flight_bubble_measured']:.2f} (timetable "
@@ -182,15 +189,17 @@ def _checks(rows: list[dict]) -> dict:
         for tp in (2, 4):
             if base and (tp, 1, 1, B) in by:
                 out[f"tp{tp}{alone}_speedup_b{B}"] = base["step_ms"] / by[(tp, 1, 1, B)]["step_ms"]
-                for k, k1 in (("graph", "graph"), ("fast", "fast"), ("fast_symm", "fast")):
+                for k, k1 in (("graph", "graph"), ("fast", "fast"), ("fast_symm", "fast"),
+                              ("fast_fused", "fast")):
                     # the same ratio for the replayed steps (TP 1 has no all-reduce to replace)
                     if f"{k1}_step_ms" in base and f"{k}_step_ms" in by[(tp, 1, 1, B)]:
                         out[f"tp{tp}{alone}_{k}_speedup_b{B}"] = (base[f"{k1}_step_ms"]
                                                           / by[(tp, 1, 1, B)][f"{k}_step_ms"])
     out["max_step_over_floor"] = max(r["step_over_floor"] for r in rows)
     ratios = ("graph_over_floor", "fast_over_floor", "fast_symm_over_floor",  # eager all-reduce
+              "fast_fused_over_floor",
               "graph_over_floor_graph_ar", "fast_over_floor_graph_ar",  # replayed all-reduces
-              "fast_symm_over_floor_symm")
+              "fast_symm_over_floor_symm", "fast_fused_over_floor_symm")
     for k in ratios:
         if any(k in r for r in rows):
             out[f"max_{k}"] = max(r.get(k, 0.0) for r in rows)

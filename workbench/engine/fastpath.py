@@ -103,6 +103,12 @@ def final_in(x, residual, norm_w, eps: float):
     return _rms(residual + x, norm_w, eps)
 
 
+def swiglu_in(h, w_gate_up, b_gate_up):
+    """silu(gate h) * up h [b, I] for an input already normed (the fused all-reduce's ``h``)."""
+    gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
+    return F.silu(gate) * up
+
+
 class FusedDecoder:
     """The decode step of ``model`` over paged ``kv`` with fused weights and compiled glue.
 
@@ -118,10 +124,17 @@ class FusedDecoder:
     "torch" way, but o_proj, down_proj and the LM head each take the skinny kernel, without fused
     glue, where :func:`~workbench.engine.skinny.faster_than_cublas` timed it faster for the step's
     shape, before capture; needs Triton on a GPU); "auto" is "torch".
+
+    ``reduce_norm`` (a tensor-parallel rank on GPUs, instead of ``reduce``): an
+    :class:`~workbench.parallel.allreduce_norm.AllReduceAddNorm` - o_proj and down_proj write their
+    partial sums into its symmetric buffer and one kernel sums them over the ranks, adds the
+    residual and applies the next RMSNorm (:meth:`_reduce_norm_step`; "triton-rope" attention and
+    "torch" products only).
     """
 
     def __init__(self, model: LlamaModel, kv: PagedKVCache, compile: bool | str = True,
-                 attention: str = "auto", reduce=None, linear: str = "auto") -> None:
+                 attention: str = "auto", reduce=None, linear: str = "auto",
+                 reduce_norm=None) -> None:
         from workbench.engine import skinny
         from workbench.kv import paged_triton
 
@@ -143,6 +156,13 @@ class FusedDecoder:
         if linear == "fastest" and not skinny.available(model.device):
             raise WorkbenchError(f"linear='fastest' needs Triton on a GPU (here: {model.device})")
         self.linear = linear
+        if reduce_norm is not None and (reduce is not None or attention != "triton-rope"
+                                        or linear != "torch" or not isinstance(model.norm, RMSNorm)):
+            raise WorkbenchError("reduce_norm takes the place of reduce, with attention "
+                                 "'triton-rope', linear 'torch' and a final RMSNorm (here: "
+                                 f"attention {attention!r}, linear {linear!r}, reduce "
+                                 f"{'given' if reduce is not None else 'none'})")
+        self.reduce_norm = reduce_norm
         # "fastest": the products that may take the skinny kernel, and the test that decides
         self._skinny, self._faster = skinny.skinny_linear, skinny.faster_than_cublas
         # rows up to which a step takes the skinny products (0: never)
@@ -176,6 +196,8 @@ class FusedDecoder:
         self.mlp = torch.compile(mlp, **options) if compile else mlp
         self.mlp_act = torch.compile(mlp_act, **options) if compile else mlp_act
         self.final_in = torch.compile(final_in, **options) if compile else final_in
+        self.swiglu_in = torch.compile(swiglu_in, **options) if compile else swiglu_in
+        self.norm_in = torch.compile(_rms, **options) if compile else _rms
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -184,6 +206,8 @@ class FusedDecoder:
         model, eps = self.model, self.config.rms_norm_eps
         x = model.embed_tokens(ids)  # [b, hidden]
         cos, sin = rope_cos_sin(model.inv_freq, positions[:, None], x.dtype)  # [b, 1, d] each
+        if self.reduce_norm is not None:
+            return self._reduce_norm_step(x, cos, sin, slots, tables, context_lens)
         if ids.shape[0] <= self.skinny_rows:
             return self._skinny_step(x, cos, sin, slots, tables, context_lens)
         mask = None
@@ -243,6 +267,33 @@ class FusedDecoder:
             return skinny_linear(residual, head.weight, add=out, norm=norm.weight, eps=norm.eps,
                                  bias=head.bias)[0]
         return head(norm(residual + out))  # a tensor-parallel head, or none (not the last stage)
+
+    def _reduce_norm_step(self, x, cos, sin, slots, tables, context_lens) -> torch.Tensor:
+        """The step with the all-reduces fused into the next norm: a layer is the qkv product, the
+        attention kernel, o_proj into the symmetric buffer, the fused all-reduce + residual add +
+        RMSNorm, gate/up with SwiGLU (compiled), down into the other buffer, the fused kernel
+        again (its norm the next layer's, or the final one)."""
+        from workbench.kv.paged_triton import rope_paged_decode
+
+        R, model, (eps, H) = self.reduce_norm, self.model, self.shape[:2]
+        b = x.shape[0]
+        R.begin()
+        residual = x.contiguous()  # this step's own tensor: updated in place from here
+        h = self.norm_in(residual, self.layers[0]["norm1"], eps)
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(h, w["w_qkv"], w["b_qkv"])
+            attn = rope_paged_decode(qkv, cos, sin, self.kv.k[i], self.kv.v[i], slots, tables,
+                                     context_lens, H)  # [b, H, d]
+            torch.mm(attn.reshape(b, -1), w["w_o"].t(), out=R.partial(b))
+            h, residual = R(residual, w["norm2"], eps, w["b_o"])
+            act = self.swiglu_in(h, w["w_gate_up"], w["b_gate_up"])
+            torch.mm(act, w["w_down"].t(), out=R.partial(b))
+            if i + 1 < len(self.layers):  # the next layer's input norm, or the final one
+                h, residual = R(residual, self.layers[i + 1]["norm1"], eps, w["b_down"])
+            else:
+                h, residual = R(residual, model.norm.weight, model.norm.eps, w["b_down"])
+        head = model.lm_head
+        return F.linear(h, head.weight, head.bias) if self.plain_head else head(h)
 
     def _row_parallel(self, x, weight, bias):
         """o_proj or down as a skinny product: its bias inside the kernel on one device, after the

@@ -8,7 +8,8 @@ so that every session judges a run the same way):
 * **Within 1.25x of the floor** (the 8B shape, every TP size and batch): each ``bench tp`` row's
   *best* step against the floor of that step's own all-reduce - the eager step against ``floor_ms``
   (the all-reduce at its eager latency), a step replayed with NCCL against ``floor_graph_ar_ms``
-  (NCCL's latency replayed), with the one-shot against ``floor_symm_ms``. The same replayed step
+  (NCCL's latency replayed), with the one-shot - alone or fused into the next norm - against
+  ``floor_symm_ms``. The same replayed step
   against the eager all-reduce's floor (easier) is shown in the note, not counted. A rank alone
   (``bench tp --alone``) has no all-reduce: it is no TP step and is skipped.
 * **TP 4 >= 1.8x and TP 2 >= 1.3x TP 1 at batch 32**: the best step of each TP size (any variant),
@@ -37,9 +38,11 @@ FLOOR_RATIO = 1.25
 SPEEDUP_B32 = {2: 1.3, 4: 1.8}
 BUBBLE_POINTS = 0.10
 
-# (step key, the floor of its own all-reduce): the eager step, NCCL replayed, the one-shot replayed
+# (step key, the floor of its own all-reduce): the eager step, NCCL replayed, the one-shot
+# replayed (alone, and fused into the next norm)
 _STEPS = (("step_ms", "floor_ms"), ("graph_step_ms", "floor_graph_ar_ms"),
-          ("fast_step_ms", "floor_graph_ar_ms"), ("fast_symm_step_ms", "floor_symm_ms"))
+          ("fast_step_ms", "floor_graph_ar_ms"), ("fast_symm_step_ms", "floor_symm_ms"),
+          ("fast_fused_step_ms", "floor_symm_ms"))
 
 
 @dataclass(frozen=True)

@@ -68,13 +68,13 @@ def decode_row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], ba
             ar = max(r[key] for r in ranks)
             floors[name] = floor_with(ar)
             row |= {f"allreduce_{name}_us": ar * 1e6, f"floor_{name}_ms": floors[name] * 1e3}
-    for key in ("graph", "fast", "fast_symm"):
+    for key in ("graph", "fast", "fast_symm", "fast_fused"):
         if f"{key}_step_ms" in last:
             step_ms = last[f"{key}_step_ms"]
             row |= {k: last[k] for k in (f"{key}_step_ms", f"{key}_max_abs_logit_diff",
                                          f"{key}_token_agreement")}
             row[f"{key}_over_floor"] = step_ms / 1e3 / floor
-            for name in ("graph_ar",) if key != "fast_symm" else ("symm",):
+            for name in ("symm",) if key in ("fast_symm", "fast_fused") else ("graph_ar",):
                 if name in floors:
                     row[f"{key}_over_floor_{name}"] = step_ms / 1e3 / floors[name]
     if "in_flight_s" in last:  # micro-batches in flight across steps: m stage-slots a step

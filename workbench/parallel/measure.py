@@ -18,7 +18,9 @@ replays (:func:`~workbench.parallel.replay.pipeline_graph_step`), and the bubble
 PP 1) the engine's GPU fast path is captured too (:class:`~workbench.engine.fastpath.FusedDecoder`:
 fused weights, compiled glue, Triton paged attention, the TP all-reduces between), over a paged copy
 of the same KV cache; with ``symm_mem`` (GPU, TP > 1) once more with the one-shot all-reduce through
-symmetric memory (:mod:`workbench.parallel.allreduce`). A replayed step is set against the floor
+symmetric memory (:mod:`workbench.parallel.allreduce`), and with ``fused_allreduce`` with the
+all-reduce fused into the residual add and the next RMSNorm (:mod:`workbench.parallel.allreduce_norm`,
+against the one-shot's floor: the same communication). A replayed step is set against the floor
 above and against a stricter one, the all-reduces at their latency replayed from a CUDA graph. A
 replayed variant that fails leaves ``<variant>_error`` in its row instead of ending the job.
 
@@ -26,8 +28,9 @@ With ``alone`` every TP grid runs as one process holding TP rank 0's shard and n
 (:func:`~workbench.parallel.plan.alone_mesh`): the all-reduces are left out, so one GPU times
 what each rank of TP 2 or 4 computes, against the weight-and-KV floor of its shard alone. That
 is not a TP step (the communication is missing), and its rows say so (``alone``). With
-``symm_mem`` the rank's fast path runs once more with the one-shot all-reduce over a group of one:
-the step with the all-reduce kernels' own cost, no peer to wait for - a lower bound of the TP step.
+``symm_mem`` (``fused_allreduce``) the rank's fast path runs once more with the one-shot (fused)
+all-reduce over a group of one: the step with the all-reduce kernels' own cost, no peer to wait
+for - a lower bound of the TP step.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class DecodeBench:
     cuda_graphs: bool = False
     fast: bool = False  # also the fast path (fused weights + compile + Triton) in a CUDA graph
     symm_mem: bool = False  # also the fast path with the one-shot all-reduce (TP > 1, GPU)
+    fused_allreduce: bool = False  # and with it fused into the next norm (allreduce_norm)
     fast_attention: str = "auto"  # the fast path's attention (FusedDecoder's ``attention``)
     fast_linear: str = "auto"  # and its matrix products (FusedDecoder's ``linear``)
     in_flight: bool = False  # PP: also decode with micro-batches in flight across steps
@@ -236,12 +240,19 @@ def _replayed(dec: _Decoder, mb_rows: int) -> dict:
     if cuda and peers and (bench.cuda_graphs or bench.fast or bench.symm_mem):  # the floor
         out |= optional("ar_graph", lambda: {"ar_graph_s": _allreduce_s(  # of a replayed step
             worker, mb_rows, "dist", graph=True)}, group)
+    if cuda and peers and (bench.symm_mem or bench.fused_allreduce):  # the one-shot's floor
+        out |= optional("ar_symm", lambda: {"ar_symm_graph_s": _allreduce_s(
+            worker, mb_rows, "symm", graph=True)}, group)
     if cuda and peers and bench.symm_mem:
-        out |= optional("fast_symm", lambda: fast("fast_symm", "symm") | {
-            "ar_symm_graph_s": _allreduce_s(worker, mb_rows, "symm", graph=True)}, group)
-    if cuda and bench.alone and bench.symm_mem and par.tp > 1:  # the one-shot's kernels in the
-        # step over this rank alone (a job of one): their fixed cost, no peer to wait for or read
-        out |= optional("fast_symm", lambda: fast("fast_symm", "symm", dist.group.WORLD), group)
+        out |= optional("fast_symm", lambda: fast("fast_symm", "symm"), group)
+    if cuda and peers and bench.fused_allreduce:
+        out |= optional("fast_fused", lambda: fast("fast_fused", "fused"), group)
+    if cuda and bench.alone and par.tp > 1:  # the all-reduces' kernels in the step over this
+        # rank alone (a job of one): their fixed cost, no peer to wait for or read
+        for key, kind, asked in (("fast_symm", "symm", bench.symm_mem),
+                                 ("fast_fused", "fused", bench.fused_allreduce)):
+            if asked:
+                out |= optional(key, lambda: fast(key, kind, dist.group.WORLD), group)
     if bench.profile:
         out |= optional("profile", lambda: profile_table(fastest[-1], dec.dev), group)
     return out

@@ -199,7 +199,8 @@ def fused_step(dec, compile: bool = True, attention: str = "auto",
                allreduce: str = "dist", linear: str = "auto", group=None):
     """The engine's fast decode step (:class:`~workbench.engine.fastpath.FusedDecoder`) for
     ``dec``'s next position, over a paged copy of its KV cache (one run of blocks per row), with
-    the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`):
+    the TP group's all-reduces (``allreduce``: :func:`workbench.parallel.allreduce.make_reduce`'s
+    kinds, or "fused": :class:`~workbench.parallel.allreduce_norm.AllReduceAddNorm`):
     a function of no arguments returning the logits ``[B, vocab]``. ``attention``, ``linear``:
     :class:`~workbench.engine.fastpath.FusedDecoder`'s; ``group``: the all-reduces' group if not
     the TP group (``bench tp --alone --symm-mem``: the one-shot over a rank alone)."""
@@ -217,7 +218,13 @@ def fused_step(dec, compile: bool = True, attention: str = "auto",
     positions = torch.full((B,), pos, device=dec.dev)
     lens = torch.full((B,), pos + 1, device=dec.dev)
     group = w.mesh.tp_group if group is None else group
-    reduce = None if group is None else make_reduce(allreduce, group, B * w.config.hidden_size,
-                                                    w.dtype, dec.dev)
-    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce, linear=linear)
+    reduce = reduce_norm = None
+    if group is not None and allreduce == "fused":  # the all-reduce inside the next norm's kernel
+        from workbench.parallel.allreduce_norm import AllReduceAddNorm
+
+        reduce_norm = AllReduceAddNorm(group, B, w.config.hidden_size, w.dtype, dec.dev)
+    elif group is not None:
+        reduce = make_reduce(allreduce, group, B * w.config.hidden_size, w.dtype, dec.dev)
+    fused = FusedDecoder(w.model, kv, compile, attention, reduce=reduce, linear=linear,
+                         reduce_norm=reduce_norm)
     return lambda: fused(dec.tokens, positions, slots, tables, lens)

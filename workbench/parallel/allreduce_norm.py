@@ -1,0 +1,232 @@
+"""The all-reduce of a tensor-parallel decode step fused with what follows it: the residual add
+and the next RMSNorm, in one kernel that also waits for the peers.
+
+A TP layer's row-parallel products (o_proj, down_proj) leave a *partial* sum on every rank; what the
+step needs next is never the sum itself but ``residual += sum`` and ``h = RMSNorm(residual)``, the
+next product's input. With the one-shot all-reduce (:mod:`workbench.parallel.allreduce`) that is
+two kernels and a copy per all-reduce::
+
+    copy partial -> my symmetric buffer ; barrier ; sum the w buffers -> out ; barrier   (one-shot)
+    residual += out ; h = norm(residual)                                                (compiled)
+
+Here the product writes its partial sum straight into this rank's symmetric buffer (``torch.mm``
+with ``out=``: no copy), and one kernel does the rest::
+
+    program r (row r of the batch):
+        signal "row r written" to every peer ; wait for every peer's signal for row r
+        s = buffer_0[r] + ... + buffer_(w-1)[r]   (read over NVLink, summed in float32)
+        residual[r] += s (+ bias) ; h[r] = weight * RMSNorm(residual[r])
+
+The second barrier of the one-shot (no rank may overwrite its buffer while a peer still reads it)
+is replaced by two buffers used in turn: o_proj writes buffer 0, down_proj buffer 1, the next
+o_proj buffer 0 again - only after this rank passed the barrier on buffer 1, which each peer
+reaches only once its kernel that read buffer 0 has finished (a stream runs its kernels in order).
+
+The barrier is the signal-pad protocol of PyTorch's symmetric memory ops, written in Triton: a
+rank *arrives* at a peer by turning a flag of the peer's signal pad from 0 to 1 (compare-and-swap,
+retried while the flag is still 1 from the last call, not yet consumed), and *waits* by turning
+each flag of its own pad from 1 back to 0 - release and acquire at system scope, so the partial
+sums written before the signal are seen after it. A peer that never arrives (dead, or stopped)
+would leave the kernel spinning forever inside a CUDA graph: every spin is bounded by
+``timeout_s`` (read from the GPU's nanosecond clock), after which the kernel executes ``trap`` -
+the CUDA context fails, the host's next synchronization raises, and the rank exits like any rank
+whose collective failed (:mod:`workbench.parallel.faults`).
+
+GPU only (symmetric memory is CUDA's; NVLink multicast stays off). The kernel itself also runs in
+Triton's interpreter on the CPU, over plain tensors standing for the peers' buffers and pads
+(``tests/test_triton_interpreter.py``), and compiles for sm_90 without a GPU
+(``tests/test_triton_compile.py``). Used by :class:`~workbench.engine.fastpath.FusedDecoder`
+(``reduce_norm``) and ``bench tp --fused-allreduce``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from workbench.errors import WorkbenchError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: nothing here runs there
+    triton = None
+
+__all__ = ["AllReduceAddNorm", "allreduce_add_rms", "reference_add_rms"]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _now_ns():
+        """The GPU's global nanosecond clock."""
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                         is_pure=False, pack=1)
+
+    @triton.jit
+    def _spin_swap(flag, expect, new, t0, timeout_ns, TIMED: tl.constexpr):
+        """Turn ``*flag`` from ``expect`` to ``new``, retrying while it holds something else;
+        past ``timeout_ns`` since ``t0``, trap (TIMED: on a GPU; the interpreter has no clock)."""
+        seen = tl.atomic_cas(flag, expect, new, sem="acq_rel", scope="sys")
+        while seen != expect:
+            if TIMED:
+                if _now_ns() - t0 > timeout_ns:
+                    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False,
+                                              pack=1)
+            seen = tl.atomic_cas(flag, expect, new, sem="acq_rel", scope="sys")
+
+    @triton.jit
+    def _allreduce_add_rms_kernel(Bufs, Pads, Res, W, Bias, H, offset, N, eps, rank, timeout_ns,
+                                  WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                                  HAS_BIAS: tl.constexpr, TIMED: tl.constexpr):
+        row = tl.program_id(0)
+        t0 = 0
+        if TIMED:
+            t0 = _now_ns()
+        slot = row * WORLD  # row r's flags: one per rank
+        for p in tl.static_range(WORLD):  # arrive: "my row r is written" at every peer
+            pad = tl.load(Pads + p).to(tl.pointer_type(tl.int32))
+            _spin_swap(pad + slot + rank, 0, 1, t0, timeout_ns, TIMED)
+        mine = tl.load(Pads + rank).to(tl.pointer_type(tl.int32))
+        for p in tl.static_range(WORLD):  # wait: every peer's row r is written
+            _spin_swap(mine + slot + p, 1, 0, t0, timeout_ns, TIMED)
+        tl.debug_barrier()  # the whole program reads only after the flags were seen
+
+        dt = H.dtype.element_ty
+        cols = tl.arange(0, BLOCK)
+        keep = cols < N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in tl.static_range(WORLD):  # the partial sums, every rank's buffer (peers over NVLink)
+            buf = tl.load(Bufs + p).to(tl.pointer_type(dt))
+            acc += tl.load(buf + offset + row * N + cols, mask=keep, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+        s = acc.to(dt)  # the all-reduced output, rounded as the unfused step's
+        if HAS_BIAS:
+            s = (s.to(tl.float32) + tl.load(Bias + cols, mask=keep, other=0.0).to(tl.float32)).to(dt)
+        r = (tl.load(Res + row * N + cols, mask=keep, other=0.0).to(tl.float32)
+             + s.to(tl.float32)).to(dt)
+        tl.store(Res + row * N + cols, r, mask=keep)  # the residual stream, in place
+        x = r.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        normed = (x * rstd).to(dt)  # RMSNorm as the model computes it (float32, then its dtype)
+        w = tl.load(W + cols, mask=keep, other=0.0)
+        tl.store(H + row * N + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dt), mask=keep)
+
+
+def reference_add_rms(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float, bias: torch.Tensor | None = None):
+    """What the kernel computes, in PyTorch: (h, residual + sum) for the partial sums of every
+    rank, each [rows, hidden] - the unfused step's all-reduce, bias, residual add and RMSNorm."""
+    s = torch.stack([p.float() for p in partials]).sum(0).to(residual.dtype)
+    if bias is not None:
+        s = s + bias
+    r = residual + s
+    x = r.float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
+    return weight * normed, r
+
+
+def allreduce_add_rms(bufs: torch.Tensor, pads: torch.Tensor, offset: int, residual: torch.Tensor,
+                      weight: torch.Tensor, eps: float, rank: int, bias: torch.Tensor | None = None,
+                      timeout_s: float = 60.0) -> torch.Tensor:
+    """The kernel, over raw addresses: ``bufs`` [world] int64 - where each rank's buffer starts
+    (its partial sums at element ``offset``, [rows, hidden] row-major, ``residual``'s dtype);
+    ``pads`` [world] int64 - each rank's signal pad (int32 flags, ``rows x world`` of them, zero
+    between calls). ``residual`` [rows, hidden] is updated in place; returns h [rows, hidden]."""
+    if triton is None:
+        raise WorkbenchError("the fused all-reduce needs Triton (a GPU install, or the interpreter)")
+    rows, n = residual.shape
+    world = bufs.numel()
+    if pads.numel() != world or not 0 <= rank < world:
+        raise WorkbenchError(f"{world} buffers, {pads.numel()} signal pads and rank {rank} "
+                             "do not fit")
+    if weight.shape != (n,) or bias is not None and bias.shape != (n,):
+        raise WorkbenchError(f"weight and bias must be [{n}]")
+    if not residual.is_contiguous():
+        raise WorkbenchError("the residual stream must be contiguous (it is updated in place)")
+    h = torch.empty_like(residual)
+    block = triton.next_power_of_2(n)
+    timed = residual.is_cuda  # the interpreter (CPU tensors) has no clock to read
+    _allreduce_add_rms_kernel[(rows,)](
+        bufs, pads, residual, weight, weight if bias is None else bias, h, offset, n, eps, rank,
+        int(timeout_s * 1e9), WORLD=world, BLOCK=block, HAS_BIAS=bias is not None, TIMED=timed,
+        num_warps=max(1, min(16, block // 512)))
+    return h
+
+
+class AllReduceAddNorm:
+    """``h, residual = reduce_norm(residual, weight, eps, bias)`` after a row-parallel product
+    wrote its partial sum into ``reduce_norm.partial(rows)``: the sum over ``group`` plus the bias,
+    added to the residual stream (in place), and the next RMSNorm of it - one kernel, barrier
+    included (module docstring). A collective call: every rank of ``group`` makes one. ``group``
+    None: a rank alone, its buffers plain memory (no peer: the kernel's own cost, and the CPU
+    tests in Triton's interpreter). Calls alternate between two buffers; a step must make an
+    even number of them (a Llama step makes two per layer), and :meth:`begin` starts each step
+    on the first buffer."""
+
+    def __init__(self, group, max_rows: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device, timeout_s: float = 60.0) -> None:
+        if triton is None or not (device.type == "cuda"
+                                  or group is None and os.environ.get("TRITON_INTERPRET") == "1"):
+            raise WorkbenchError("the fused all-reduce uses symmetric memory and Triton, which "
+                                 f"need CUDA GPUs (this rank runs on {device.type})")
+        self.hidden, self.max_rows, self.timeout_s, self.phase = hidden, max_rows, timeout_s, 0
+        if group is None:  # a rank alone: plain memory, the same kernel (and the interpreter's)
+            self.world, self.rank = 1, 0
+            self.buffer = torch.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+            self._pad = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            addresses = [self.buffer.data_ptr()], [self._pad.data_ptr()]
+        else:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            name = group.group_name
+            if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
+                symm_mem.enable_symm_mem_for_group(name)  # needed before 2.11, deprecated since
+            self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+            pad_bytes = getattr(symm_mem, "get_signal_pad_size", lambda: 2048)()
+            if max_rows * self.world * 4 > pad_bytes:
+                raise WorkbenchError(f"{max_rows} rows x {self.world} ranks of flags do not fit "
+                                     f"the signal pad ({pad_bytes} bytes)")
+            self.buffer = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+            handle = symm_mem.rendezvous(self.buffer, name)  # the peers' mappings, exchanged
+            addresses = handle.buffer_ptrs, handle.signal_pad_ptrs
+        self.bufs, self.pads = (torch.tensor(a, dtype=torch.int64, device=device) for a in addresses)
+        self._check()
+
+    def begin(self) -> None:
+        """Start a step on the first buffer (so that a captured step replays the same order)."""
+        self.phase = 0
+
+    def partial(self, rows: int) -> torch.Tensor:
+        """[rows, hidden]: where this rank's row-parallel product writes its partial sum next."""
+        if rows > self.max_rows:
+            raise WorkbenchError(f"{rows} rows; the symmetric buffers hold {self.max_rows}")
+        start = self.phase * self.max_rows * self.hidden
+        return self.buffer[start:start + rows * self.hidden].view(rows, self.hidden)
+
+    def __call__(self, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 bias: torch.Tensor | None = None):
+        """(h, residual): see the class; ``residual`` [rows, hidden] is updated in place."""
+        offset = self.phase * self.max_rows * self.hidden
+        self.phase ^= 1
+        return allreduce_add_rms(self.bufs, self.pads, offset, residual, weight, eps, self.rank,
+                                 bias, self.timeout_s), residual
+
+    def _check(self) -> None:
+        """One call, eagerly, before anyone times or captures it: rank r's partial sums are
+        r + 1 everywhere, the residual zero and the weight one, so every place of the residual
+        must hold 1 + 2 + ... + world afterwards."""
+        rows = min(self.max_rows, 2)
+        self.begin()
+        self.partial(rows).fill_(self.rank + 1)
+        residual = torch.zeros(rows, self.hidden, dtype=self.buffer.dtype, device=self.buffer.device)
+        ones = torch.ones(self.hidden, dtype=self.buffer.dtype, device=self.buffer.device)
+        self(residual, ones, 1e-6)
+        self.partial(rows).zero_()
+        self(torch.zeros_like(residual), ones, 1e-6)  # the other buffer too: back to phase 0
+        want = self.world * (self.world + 1) / 2
+        if not bool((residual == want).all()):
+            raise WorkbenchError(f"the fused all-reduce summed wrong on rank {self.rank}: "
+                                 f"{residual.view(-1)[:4].tolist()}..., expected {want:g}")
