@@ -13,8 +13,9 @@
 #   bench_tp_graphs.json  bench tp --cuda-graphs --fast --profile: the plain step and the engine's fast path replayed
 #                         from CUDA graphs, a profiler table of rank 0's fast step per row (GPU only; optional: a
 #                         failure here does not fail the job, and a variant that fails leaves <variant>_error in its row)
-#   bench_tp_symm.json    bench tp --fast --symm-mem --profile (stage tp-symm, not in the default list): the fast path again, and
-#                         at TP > 1 with the one-shot all-reduce through symmetric memory, its latency replayed
+#   bench_tp_symm.json    bench tp --fast --symm-mem --fused-allreduce --profile (stage tp-symm, not in the default
+#                         list): the fast path again, and at TP > 1 with the one-shot all-reduce through symmetric
+#                         memory, alone and fused into the residual add and the next RMSNorm, its latency replayed
 #                         from a CUDA graph next to NCCL's (GPU only; optional)
 #   bench_pp.json         bench pp: PP 1/2/4 x micro-batches 1/2/4/8 at batch 32, measured bubble vs (p-1)/(m+p-1)
 #   bench_pp_graphs.json  bench pp --cuda-graphs --in-flight: the same, every stage's micro-batches replayed from CUDA
@@ -27,9 +28,9 @@
 # pp, pp-graphs; " " for none), NOTEBOOKS the notebooks (default 04 and 05; " " for none). The default stage limits
 # add up to 1010 s, more than one device call (600 s): run
 #   BENCHES="agree tp tp-graphs" NOTEBOOKS=" "   (540 s)   then   BENCHES="pp pp-graphs"   (470 s, with the notebooks)
-# and BENCHES=tp-symm NOTEBOOKS=" " (240 s) for the one-shot all-reduce. With ~10 minutes of device time in all, one
+# and BENCHES=tp-symm NOTEBOOKS=" " (300 s) for the one-shot all-reduce. With ~10 minutes of device time in all, one
 # call covers every bar of issue 5 but the notebooks: BENCHES="agree tp-symm pp-graphs" NOTEBOOKS=" " T_AGREE=100
-# (490 s; tp-symm times the eager step and the fast path with NCCL and with the one-shot, pp-graphs the eager
+# (550 s; tp-symm times the eager step and the fast path with NCCL, the one-shot and the fused one, pp-graphs the eager
 # pipeline, its replayed stages and the micro-batches in flight).
 # The tp-graphs stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
 set -u
@@ -60,7 +61,7 @@ fi
 GRIDS=TP2,PP2,TP2+vocab  # bench agree (the bundled model: a preset's ranks draw different random shards)
 if [ "$RANKS" -ge 4 ]; then GRIDS=TP2,TP4,PP2,PP4,TP2xPP2,TP4+vocab; fi
 # Per-stage limits (seconds); a device call allows 600 s (see the header).
-T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_SYMM=${T_SYMM:-240}; T_PP=${T_PP:-120}; T_PPG=${T_PPG:-150}
+T_TP=${T_TP:-150}; T_GRAPHS=${T_GRAPHS:-240}; T_SYMM=${T_SYMM:-300}; T_PP=${T_PP:-120}; T_PPG=${T_PPG:-150}
 T_NB=${T_NB:-100}; T_AGREE=${T_AGREE:-150}
 BENCHES=${BENCHES:-agree tp tp-graphs pp pp-graphs}
 if [ "${SKIP_BENCH:-0}" = 1 ]; then BENCHES=" "; fi  # the older spelling of BENCHES=" "
@@ -86,9 +87,10 @@ if has tp-graphs && [ "$DEVICE" = cuda ]; then
         || echo "cuda-graph run failed (the eager results stand)"
 fi
 if has tp-symm && [ "$DEVICE" = cuda ]; then
-    step "bench tp --fast --symm-mem"
+    step "bench tp --fast --symm-mem --fused-allreduce"
     timeout $T_SYMM $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
-        --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --profile --json "$OUT/bench_tp_symm.json" \
+        --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --fused-allreduce --profile \
+        --json "$OUT/bench_tp_symm.json" \
         || echo "one-shot all-reduce run failed (the other results stand)"
 fi
 if has pp; then

@@ -28,9 +28,10 @@ if [ "$NGPU" -ge 2 ]; then
     timeout 90 python -m workbench bench pp --model bundled --pp 2 --micro-batches 2 --batch-sizes 4 \
         --context-len 16 --steps 4 --device cuda --cuda-graphs --in-flight --timeout 80 \
         --json "$OUT/preflight_pp.json" || fail=1
-    step "bench tp, bundled, TP 2: one-shot all-reduce"
+    step "bench tp, bundled, TP 2: one-shot all-reduce, alone and fused into the next norm"
     timeout 180 python -m workbench bench tp --model bundled --tp 2 --batch-sizes 1,4 --context-len 16 \
-        --steps 4 --device cuda --symm-mem --profile --timeout 170 --json "$OUT/preflight_tp.json" || fail=1
+        --steps 4 --device cuda --symm-mem --fused-allreduce --profile --timeout 170 \
+        --json "$OUT/preflight_tp.json" || fail=1
 else
     echo "one GPU: the multi-GPU checks are skipped"
 fi
@@ -39,8 +40,9 @@ timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_pag
     > "$OUT/preflight-tests.log" 2>&1 || fail=1
 tail -3 "$OUT/preflight-tests.log"
 if [ "$NGPU" -ge 2 ]; then
-    step "NCCL faults"
-    timeout 150 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_parallel_gpu.py -k nccl \
+    step "NCCL faults, and the fused all-reduce over two GPUs in fp32"
+    timeout 200 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_parallel_gpu.py \
+        -k "nccl or two_gpus" \
         >> "$OUT/preflight-tests.log" 2>&1 || fail=1
     tail -3 "$OUT/preflight-tests.log"
 fi
