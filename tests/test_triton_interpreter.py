@@ -341,3 +341,40 @@ else:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         assert not fused._pad.any() and fused.phase == 0
+
+    def _fused_vs_plain(ctx, path: str, batch: int) -> tuple[float, float]:
+        """This TP rank's fast step with the fused all-reduce (uncompiled, the ranks' buffers
+        and pads shared files) against the plain TP step: max |fused - plain| of its logits, and
+        max |second - first| of two fused steps in a row (the buffers alternate across steps)."""
+        from workbench.parallel.engine import RankWorker
+        from workbench.parallel.measure import DecodeBench, _Decoder
+        from workbench.parallel.plan import ParallelConfig
+        from workbench.parallel.replay import fused_step
+
+        par = ParallelConfig(tp=ctx.world_size)
+        bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
+                            dtype="float32")
+        worker = RankWorker.load(ctx, path, par, torch.float32)
+        with torch.inference_mode():
+            dec = _Decoder(worker, batch, bench)
+            step = fused_step(dec, compile=False, attention="triton-rope", allreduce="fused")
+            first, second = step(), step()
+            plain = dec.forward(dec.batch(dec.pos))
+        return float((first - plain).abs().max()), float((second - first).abs().max())
+
+    @pytest.mark.parametrize("ranks", [2, 4])
+    def test_fused_allreduce_on_tp_ranks_gives_the_plain_step(ranks, tmp_path):
+        """TP ranks as processes, each mapping every rank's buffer and signal pad (shared files
+        standing for symmetric memory): the fused kernels wait for each other through the flags,
+        sum every rank's partial products and add the biases once - the plain TP step's logits,
+        twice in a row."""
+        from tests.helpers import tiny_config, write_tiny_checkpoint
+        from workbench.parallel.launch import launch
+
+        biased = tiny_config(vocab_size=80, hidden_size=64, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             head_dim=16, qkv_bias=True, o_bias=True, mlp_bias=True)
+        write_tiny_checkpoint(tmp_path, biased, seed=5)
+        results = launch(_fused_vs_plain, ranks, str(tmp_path), 3, timeout_s=300)
+        assert max(d for d, _ in results) < 1e-4, results
+        assert max(again for _, again in results) == 0.0, results

@@ -32,9 +32,11 @@ would leave the kernel spinning forever inside a CUDA graph: every spin is bound
 the CUDA context fails, the host's next synchronization raises, and the rank exits like any rank
 whose collective failed (:mod:`workbench.parallel.faults`).
 
-GPU only (symmetric memory is CUDA's; NVLink multicast stays off). The kernel itself also runs in
-Triton's interpreter on the CPU, over plain tensors standing for the peers' buffers and pads
-(``tests/test_triton_interpreter.py``), and compiles for sm_90 without a GPU
+For GPUs (symmetric memory is CUDA's; NVLink multicast stays off). In the tests the same kernel
+runs in Triton's interpreter on the CPU: over plain tensors standing for the peers' buffers and
+pads, and across TP ranks as CPU processes that map each other's buffers and pads as shared files
+(the interpreter's compare-and-swaps are real atomics), where the step gives the plain TP step's
+logits (``tests/test_triton_interpreter.py``); and it compiles for sm_90 without a GPU
 (``tests/test_triton_compile.py``). Used by :class:`~workbench.engine.fastpath.FusedDecoder`
 (``reduce_norm``) and ``bench tp --fused-allreduce``.
 """
@@ -168,16 +170,20 @@ class AllReduceAddNorm:
 
     def __init__(self, group, max_rows: int, hidden: int, dtype: torch.dtype,
                  device: torch.device, timeout_s: float = 60.0) -> None:
-        if triton is None or not (device.type == "cuda"
-                                  or group is None and os.environ.get("TRITON_INTERPRET") == "1"):
+        interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        if triton is None or not (device.type == "cuda" or interpreted):
             raise WorkbenchError("the fused all-reduce uses symmetric memory and Triton, which "
                                  f"need CUDA GPUs (this rank runs on {device.type})")
         self.hidden, self.max_rows, self.timeout_s, self.phase = hidden, max_rows, timeout_s, 0
+        numel = 2 * max_rows * hidden
         if group is None:  # a rank alone: plain memory, the same kernel (and the interpreter's)
             self.world, self.rank = 1, 0
-            self.buffer = torch.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+            self.buffer = torch.empty(numel, dtype=dtype, device=device)
             self._pad = torch.zeros(max_rows, dtype=torch.int32, device=device)
             addresses = [self.buffer.data_ptr()], [self._pad.data_ptr()]
+        elif interpreted:  # CPU ranks (tests): files that every rank maps stand for NVLink
+            self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+            addresses = self._map_shared_files(group, numel, dtype)
         else:
             import torch.distributed._symmetric_memory as symm_mem
 
@@ -189,11 +195,39 @@ class AllReduceAddNorm:
             if max_rows * self.world * 4 > pad_bytes:
                 raise WorkbenchError(f"{max_rows} rows x {self.world} ranks of flags do not fit "
                                      f"the signal pad ({pad_bytes} bytes)")
-            self.buffer = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+            self.buffer = symm_mem.empty(numel, dtype=dtype, device=device)
             handle = symm_mem.rendezvous(self.buffer, name)  # the peers' mappings, exchanged
             addresses = handle.buffer_ptrs, handle.signal_pad_ptrs
         self.bufs, self.pads = (torch.tensor(a, dtype=torch.int64, device=device) for a in addresses)
         self._check()
+
+    def _map_shared_files(self, group, numel: int, dtype: torch.dtype):
+        """Symmetric memory for CPU processes: each rank's buffer and pad is a file (zeros) that
+        every rank maps shared, so its writes are every peer's reads and its compare-and-swaps
+        (the interpreter's are real atomics) every peer's flags. The files are removed once all
+        ranks hold their mappings."""
+        import shutil
+        import tempfile
+
+        where = [tempfile.mkdtemp(prefix="workbench-allreduce-") if self.rank == 0 else None]
+        dist.broadcast_object_list(where, src=dist.get_global_rank(group, 0), group=group)
+
+        def mapped(kind: str, rank: int, size: int, dt: torch.dtype) -> torch.Tensor:
+            return torch.from_file(os.path.join(where[0], f"{kind}{rank}"), shared=True,
+                                   size=size, dtype=dt)
+
+        mine = mapped("buffer", self.rank, numel, dtype), mapped("pad", self.rank,
+                                                                 self.max_rows * self.world,
+                                                                 torch.int32)
+        dist.barrier(group=group)  # every file made
+        self._maps = [(mapped("buffer", r, numel, dtype),
+                       mapped("pad", r, self.max_rows * self.world, torch.int32))
+                      for r in range(self.world)]
+        self.buffer, self._pad = mine
+        dist.barrier(group=group)  # every file mapped everywhere
+        if self.rank == 0:
+            shutil.rmtree(where[0], ignore_errors=True)
+        return [b.data_ptr() for b, _ in self._maps], [p.data_ptr() for _, p in self._maps]
 
     def begin(self) -> None:
         """Start a step on the first buffer (so that a captured step replays the same order)."""
