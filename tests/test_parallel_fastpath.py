@@ -28,16 +28,21 @@ from workbench.parallel.replay import fused_step, optional, pipeline_graph_step
 from workbench.parallel.plan import ParallelConfig
 
 
+def tp_decoder(ctx, path: str, batch: int) -> _Decoder:
+    """This rank's decoder of a TP job over every rank, fp32, after a 13-token prompt (call it
+    under inference mode)."""
+    par = ParallelConfig(tp=ctx.world_size)
+    bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
+                        dtype="float32")
+    return _Decoder(RankWorker.load(ctx, path, par, torch.float32), batch, bench)
+
+
 def _fast_vs_plain(ctx, path: str, batch: int, attention: str = "gather",
                    linear: str = "auto") -> float:
     """Max |fast - plain| of this rank's logits for one decode step after a 13-token prompt (the
     fast step uncompiled, with FusedDecoder's ``attention`` and ``linear``)."""
-    par = ParallelConfig(tp=ctx.world_size)
-    bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
-                        dtype="float32")
-    worker = RankWorker.load(ctx, path, par, torch.float32)
     with torch.inference_mode():
-        dec = _Decoder(worker, batch, bench)
+        dec = tp_decoder(ctx, path, batch)
         fast = fused_step(dec, compile=False, attention=attention, linear=linear)()  # [B, vocab]
         plain = dec.forward(dec.batch(dec.pos))  # [B, vocab]
     return float((fast - plain).abs().max())

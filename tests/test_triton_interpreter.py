@@ -346,17 +346,11 @@ else:
         """This TP rank's fast step with the fused all-reduce (uncompiled, the ranks' buffers
         and pads shared files) against the plain TP step: max |fused - plain| of its logits, and
         max |second - first| of two fused steps in a row (the buffers alternate across steps)."""
-        from workbench.parallel.engine import RankWorker
-        from workbench.parallel.measure import DecodeBench, _Decoder
-        from workbench.parallel.plan import ParallelConfig
+        from tests.test_parallel_fastpath import tp_decoder
         from workbench.parallel.replay import fused_step
 
-        par = ParallelConfig(tp=ctx.world_size)
-        bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
-                            dtype="float32")
-        worker = RankWorker.load(ctx, path, par, torch.float32)
         with torch.inference_mode():
-            dec = _Decoder(worker, batch, bench)
+            dec = tp_decoder(ctx, path, batch)
             step = fused_step(dec, compile=False, attention="triton-rope", allreduce="fused")
             first, second = step(), step()
             plain = dec.forward(dec.batch(dec.pos))
