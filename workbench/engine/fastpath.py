@@ -83,13 +83,17 @@ def gather_attention(q, k_pool, v_pool, tables, mask):
     return out[:, :, 0]
 
 
+def swiglu_in(h, w_gate_up, b_gate_up):
+    """silu(gate h) * up h [b, I] (down_proj's input) for a normed input h."""
+    gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
+    return F.silu(gate) * up
+
+
 def mlp_act(o, residual, norm_w, w_gate_up, b_gate_up, eps: float):
     """residual += o (attention's output, summed over TP ranks); h = norm(residual);
     returns silu(gate h) * up h [b, I] (down_proj's input) and the residual stream."""
     residual = residual + o
-    h = _rms(residual, norm_w, eps)
-    gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
-    return F.silu(gate) * up, residual
+    return swiglu_in(_rms(residual, norm_w, eps), w_gate_up, b_gate_up), residual
 
 
 def mlp(o, residual, norm_w, w_gate_up, b_gate_up, w_down, eps: float):
@@ -101,12 +105,6 @@ def mlp(o, residual, norm_w, w_gate_up, b_gate_up, w_down, eps: float):
 def final_in(x, residual, norm_w, eps: float):
     """The LM head's input: norm(residual + x)."""
     return _rms(residual + x, norm_w, eps)
-
-
-def swiglu_in(h, w_gate_up, b_gate_up):
-    """silu(gate h) * up h [b, I] for an input already normed (the fused all-reduce's ``h``)."""
-    gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)  # [b, I] each
-    return F.silu(gate) * up
 
 
 class FusedDecoder:

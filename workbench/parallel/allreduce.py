@@ -37,9 +37,31 @@ import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
 
-__all__ = ["ALLREDUCES", "make_reduce", "reduce_latency_s"]
+__all__ = ["ALLREDUCES", "check_rank_sum", "make_reduce", "reduce_latency_s",
+           "symmetric_buffer"]
 
 ALLREDUCES = ("dist", "symm")
+
+
+def symmetric_buffer(group, numel: int, dtype: torch.dtype, device: torch.device):
+    """``(buffer, handle)``: ``numel`` values of this rank that every GPU of ``group`` can read
+    (symmetric memory), and the handle with the peers' addresses (``buffer_ptrs``,
+    ``signal_pad_ptrs``). A collective call: every rank of ``group`` makes it."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
+        symm_mem.enable_symm_mem_for_group(group.group_name)  # needed before 2.11, deprecated since
+    buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+    return buffer, symm_mem.rendezvous(buffer, group.group_name)  # the mappings, exchanged
+
+
+def check_rank_sum(summed: torch.Tensor, world: int, rank: int, what: str) -> None:
+    """The probe every all-reduce here runs once before anyone times or captures it: rank r gave
+    r + 1 in every place, so every place of ``summed`` must hold 1 + 2 + ... + world."""
+    want = world * (world + 1) / 2
+    if not bool((summed == want).all()):
+        raise WorkbenchError(f"{what} summed wrong on rank {rank}: "
+                             f"{summed.reshape(-1)[:4].tolist()}..., expected {want:g}")
 
 
 def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
@@ -58,14 +80,8 @@ def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
     if device.type != "cuda":
         raise WorkbenchError("the one-shot all-reduce uses symmetric memory, which needs CUDA GPUs "
                              f"(this rank runs on {device.type})")
-    import torch.distributed._symmetric_memory as symm_mem
-
     name = group.group_name
-    if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
-        symm_mem.enable_symm_mem_for_group(name)  # needed before 2.11, deprecated since
-    buffer = symm_mem.empty(max_numel, dtype=dtype, device=device)  # [max_numel], peer-readable
-    symm_mem.rendezvous(buffer, name)  # exchange the mappings with every peer
-
+    buffer, _ = symmetric_buffer(group, max_numel, dtype, device)  # [max_numel], peer-readable
     ops = torch.ops.symm_mem
     copy_in = hasattr(ops, "one_shot_all_reduce_copy_out")  # the copy in the same kernel
 
@@ -82,13 +98,9 @@ def make_reduce(kind: str, group, max_numel: int, dtype: torch.dtype,
         ops.one_shot_all_reduce_out(mine, "sum", name, flat)
         return t
 
-    # Check the sum once, eagerly, before anyone times or captures it: rank r gives r + 1 in
-    # every place, so every place must hold 1 + 2 + ... + world.
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     probe = reduce(torch.full((min(max_numel, 4096),), float(rank + 1), dtype=dtype, device=device))
-    if not bool((probe == world * (world + 1) / 2).all()):
-        raise WorkbenchError(f"the one-shot all-reduce summed wrong on rank {rank}: "
-                             f"{probe[:4].tolist()}..., expected {world * (world + 1) / 2:g}")
+    check_rank_sum(probe, world, rank, "the one-shot all-reduce")
     return reduce
 
 

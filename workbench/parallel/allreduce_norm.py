@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from workbench.errors import WorkbenchError
+from workbench.parallel.allreduce import check_rank_sum, symmetric_buffer
 
 try:
     import triton
@@ -187,16 +188,12 @@ class AllReduceAddNorm:
         else:
             import torch.distributed._symmetric_memory as symm_mem
 
-            name = group.group_name
-            if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
-                symm_mem.enable_symm_mem_for_group(name)  # needed before 2.11, deprecated since
             self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
             pad_bytes = getattr(symm_mem, "get_signal_pad_size", lambda: 2048)()
             if max_rows * self.world * 4 > pad_bytes:
                 raise WorkbenchError(f"{max_rows} rows x {self.world} ranks of flags do not fit "
                                      f"the signal pad ({pad_bytes} bytes)")
-            self.buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-            handle = symm_mem.rendezvous(self.buffer, name)  # the peers' mappings, exchanged
+            self.buffer, handle = symmetric_buffer(group, numel, dtype, device)
             addresses = handle.buffer_ptrs, handle.signal_pad_ptrs
         self.bufs, self.pads = (torch.tensor(a, dtype=torch.int64, device=device) for a in addresses)
         self._check()
@@ -212,18 +209,16 @@ class AllReduceAddNorm:
         where = [tempfile.mkdtemp(prefix="workbench-allreduce-") if self.rank == 0 else None]
         dist.broadcast_object_list(where, src=dist.get_global_rank(group, 0), group=group)
 
-        def mapped(kind: str, rank: int, size: int, dt: torch.dtype) -> torch.Tensor:
-            return torch.from_file(os.path.join(where[0], f"{kind}{rank}"), shared=True,
-                                   size=size, dtype=dt)
+        def mapped(rank: int) -> tuple[torch.Tensor, torch.Tensor]:  # (buffer, pad) of a rank
+            file = lambda kind: os.path.join(where[0], f"{kind}{rank}")  # noqa: E731
+            return (torch.from_file(file("buffer"), shared=True, size=numel, dtype=dtype),
+                    torch.from_file(file("pad"), shared=True, size=self.max_rows * self.world,
+                                    dtype=torch.int32))
 
-        mine = mapped("buffer", self.rank, numel, dtype), mapped("pad", self.rank,
-                                                                 self.max_rows * self.world,
-                                                                 torch.int32)
-        dist.barrier(group=group)  # every file made
-        self._maps = [(mapped("buffer", r, numel, dtype),
-                       mapped("pad", r, self.max_rows * self.world, torch.int32))
+        self.buffer, self._pad = mapped(self.rank)  # made here, zeros
+        dist.barrier(group=group)  # every rank's files made
+        self._maps = [(self.buffer, self._pad) if r == self.rank else mapped(r)
                       for r in range(self.world)]
-        self.buffer, self._pad = mine
         dist.barrier(group=group)  # every file mapped everywhere
         if self.rank == 0:
             shutil.rmtree(where[0], ignore_errors=True)
@@ -249,18 +244,15 @@ class AllReduceAddNorm:
                                  bias, self.timeout_s), residual
 
     def _check(self) -> None:
-        """One call, eagerly, before anyone times or captures it: rank r's partial sums are
-        r + 1 everywhere, the residual zero and the weight one, so every place of the residual
-        must hold 1 + 2 + ... + world afterwards."""
-        rows = min(self.max_rows, 2)
+        """One call on each buffer, eagerly, before anyone times or captures it (back on the
+        first buffer after): rank r's partial sums are r + 1 everywhere, the residual zero and
+        the weight one, so the residual must hold the sum of the ranks'
+        (:func:`~workbench.parallel.allreduce.check_rank_sum`)."""
+        rows, like = min(self.max_rows, 2), dict(dtype=self.buffer.dtype, device=self.buffer.device)
+        ones = torch.ones(self.hidden, **like)
         self.begin()
-        self.partial(rows).fill_(self.rank + 1)
-        residual = torch.zeros(rows, self.hidden, dtype=self.buffer.dtype, device=self.buffer.device)
-        ones = torch.ones(self.hidden, dtype=self.buffer.dtype, device=self.buffer.device)
-        self(residual, ones, 1e-6)
-        self.partial(rows).zero_()
-        self(torch.zeros_like(residual), ones, 1e-6)  # the other buffer too: back to phase 0
-        want = self.world * (self.world + 1) / 2
-        if not bool((residual == want).all()):
-            raise WorkbenchError(f"the fused all-reduce summed wrong on rank {self.rank}: "
-                                 f"{residual.view(-1)[:4].tolist()}..., expected {want:g}")
+        for _ in range(2):
+            self.partial(rows).fill_(self.rank + 1)
+            residual = torch.zeros(rows, self.hidden, **like)
+            self(residual, ones, 1e-6)
+            check_rank_sum(residual, self.world, self.rank, "the fused all-reduce")
