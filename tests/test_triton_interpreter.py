@@ -15,13 +15,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.helpers import paged_attention_case, rope_attention_outputs, torch_threads
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _version(module) -> tuple[int, int]:
+    return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+
+# Triton before 3.7 interprets a loop bound held in a tensor with int() of a one-element array, which
+# NumPy 2.4 refuses ("only 0-dimensional arrays can be converted"); 3.7 squeezes it first. GPU builds
+# of PyTorch 2.11 pin Triton 3.6, so such a machine skips here rather than failing on the interpreter
+# (its GPU compiles and runs the kernels instead: tests/test_paged_gpu.py).
+if _version(triton) < (3, 7) and _version(np) >= (2, 4):
+    pytest.skip(f"Triton {triton.__version__}'s interpreter fails with NumPy {np.__version__} "
+                "(needs Triton >= 3.7 or NumPy < 2.4)", allow_module_level=True)
 
 if os.environ.get("TRITON_INTERPRET") != "1":
 
