@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 5's TP all-reduces on ONE GPU, in one call of about 8 minutes (only one-GPU kinds were lent in sessions 13-16):
+# what each back end's code costs inside a TP rank's step, with no peer to wait for. Stages (STAGES, in this order):
+#   smoke   tools/gpu/allreduce_smoke.py --ranks 1 (limit 100 s): NCCL's, the one-shot's and the fused all-reduce's
+#           code paths (buffers, rendezvous, capture, the Triton kernel's compile) with nothing to sum across
+#   bench   bench tp --tp 1,2,4 --alone --fast --symm-mem --fused-allreduce --profile (limit 290 s): the 8B shape in
+#           bf16, each grid's TP rank 0 shard from a CUDA graph - without its all-reduces, with the one-shot, with the
+#           all-reduce fused into the residual add and the next RMSNorm (their kernels at all 64 places, no peer: a
+#           lower bound of the TP step)
+#   tests   tests/test_parallel_gpu.py -k "alone or never_arrives" (limit 120 s): both all-reduces over a rank alone in
+#           fp32 give the eager step's logits; a fused all-reduce whose peer never arrives traps, and the process ends
+# Results to $OUT: alone.log, smoke.log, tp-fused-alone-llama-3.1-8b_<gpu>_<date>.json, alone-tests.log.
+# Run from the repository root: OUT=$OUT bash tools/gpu/alone.sh
+set -u
+STAGES=${STAGES:-smoke bench tests}
+LOG=alone.log
+source tools/gpu/stages.sh  # $OUT, the log, setup.sh ($GPU_TAG), has, step, fail
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+if has smoke; then
+    step "all-reduce smoke test, one rank"
+    timeout 100 python tools/gpu/allreduce_smoke.py --ranks 1 --timeout 90 > "$OUT/smoke.log" 2>&1 || fail=1
+    tail -25 "$OUT/smoke.log"
+fi
+
+if has bench; then
+    step "bench tp --alone, the 8B shape: plain, one-shot, fused"
+    timeout 290 python -m workbench bench tp --model preset:llama-3.1-8b --tp 1,2,4 --alone --fast --symm-mem \
+        --fused-allreduce --profile --batch-sizes 1,32 --context-len 128 --steps 20 --timeout 280 \
+        --json "$OUT/tp-fused-alone-llama-3.1-8b_${GPU_TAG}_$(date +%F).json" || fail=1
+fi
+
+if has tests; then
+    step "GPU tests: a rank alone in fp32, a peer that never arrives"
+    timeout 120 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_parallel_gpu.py \
+        -k "alone or never_arrives" > "$OUT/alone-tests.log" 2>&1 || fail=1
+    tail -15 "$OUT/alone-tests.log"
+fi
+step "done, exit $fail"
+exit $fail
