@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tests.helpers import BUNDLED_DIR, tiny_config, write_tiny_checkpoint
 from workbench.errors import WorkbenchError
 from workbench.parallel.allreduce import make_reduce, reduce_latency_s
-from workbench.parallel.engine import RankWorker
+from workbench.parallel.engine import RankWorker, config_of
 from workbench.parallel.launch import launch
 from workbench.parallel.floors import decode_row
 from workbench.parallel.measure import DecodeBench, _Decoder
@@ -28,21 +28,21 @@ from workbench.parallel.replay import fused_step, optional, pipeline_graph_step
 from workbench.parallel.plan import ParallelConfig
 
 
-def tp_decoder(ctx, path: str, batch: int) -> _Decoder:
+def tp_decoder(ctx, path: str, batch: int, vocab_parallel: bool = False) -> _Decoder:
     """This rank's decoder of a TP job over every rank, fp32, after a 13-token prompt (call it
-    under inference mode)."""
-    par = ParallelConfig(tp=ctx.world_size)
+    under inference mode); ``vocab_parallel``: the embedding and LM head split too."""
+    par = ParallelConfig(tp=ctx.world_size, vocab_parallel=vocab_parallel)
     bench = DecodeBench(path, (par,), (batch,), context_len=13, steps=1, warmup=1,
                         dtype="float32")
     return _Decoder(RankWorker.load(ctx, path, par, torch.float32), batch, bench)
 
 
 def _fast_vs_plain(ctx, path: str, batch: int, attention: str = "gather",
-                   linear: str = "auto") -> float:
+                   linear: str = "auto", vocab_parallel: bool = False) -> float:
     """Max |fast - plain| of this rank's logits for one decode step after a 13-token prompt (the
     fast step uncompiled, with FusedDecoder's ``attention`` and ``linear``)."""
     with torch.inference_mode():
-        dec = tp_decoder(ctx, path, batch)
+        dec = tp_decoder(ctx, path, batch, vocab_parallel)
         fast = fused_step(dec, compile=False, attention=attention, linear=linear)()  # [B, vocab]
         plain = dec.forward(dec.batch(dec.pos))  # [B, vocab]
     return float((fast - plain).abs().max())
@@ -56,6 +56,30 @@ def test_fast_step_on_two_tp_ranks_equals_the_plain_step(tmp_path):
     for path, batch in ((str(BUNDLED_DIR), 3), (str(tmp_path), 2)):
         diffs = launch(_fast_vs_plain, 2, path, batch, timeout_s=120)
         assert max(diffs) < 1e-4, (path, diffs)
+
+
+def _vocab_parallel_fast_vs_plain(ctx, path: str, batch: int) -> tuple[float, list[int]]:
+    """Max |fast - plain| of the step on TP ranks with a vocabulary-parallel head, and the
+    width of the logits (gathered: the whole vocabulary on every rank)."""
+    with torch.inference_mode():
+        dec = tp_decoder(ctx, path, batch, vocab_parallel=True)
+        fast = fused_step(dec, compile=False, attention="gather")()  # [B, vocab]
+        plain = dec.forward(dec.batch(dec.pos))
+    return float((fast - plain).abs().max()), [fast.shape[-1], plain.shape[-1]]
+
+
+def test_fast_step_with_a_vocabulary_parallel_head(tmp_path):
+    """``bench tp --vocab-parallel --fast``: each rank looks up its rows of the embedding (summed
+    by one all-reduce) and multiplies by its rows of the LM head (the logits all-gathered) - the
+    plain TP step's logits, over the whole vocabulary, also where it does not split evenly (81
+    rows over 2 and 4 ranks: the last shard padded)."""
+    odd = tiny_config(vocab_size=81, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=16)
+    write_tiny_checkpoint(tmp_path, odd, seed=7)
+    for ranks in (2, 4):
+        for diff, widths in launch(_vocab_parallel_fast_vs_plain, ranks, str(tmp_path), 3,
+                                   timeout_s=120):
+            assert diff < 1e-4 and widths == [81, 81], (ranks, diff, widths)
 
 
 def _pipeline_programs_vs_plain(ctx, path: str, batch: int, m: int) -> dict:
@@ -208,6 +232,18 @@ def test_bench_tp_alone_times_each_ranks_shard_in_one_process(tmp_path):
         bytes_ms = r["weight_bytes_per_gpu"] / (r["bandwidth_GB_s"] * 1e9) * 1e3
         assert bytes_ms <= r["floor_ms"] < bytes_ms * 1.2
     assert "tp4_alone_speedup_b2" in report["checks"] and "tp4_speedup_b2" not in report["checks"]
+    # --vocab-parallel: TP 2's rank reads half the LM head's rows (the embedding is a lookup)
+    assert main(["bench", "tp", "--tp", "1,2", "--alone", "--vocab-parallel", "--batch-sizes", "2",
+                 "--context-len", "6", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    one_v, two_v = sorted(report["results"], key=lambda r: r["tp"])
+    assert "vocab_parallel" in report and "vocab_parallel" not in one_v and two_v["vocab_parallel"]
+    assert two_v["system"] == "workbench/TP2xPP1 vocab-parallel rank alone"
+    config = config_of(str(BUNDLED_DIR))
+    V, h = config.vocab_size, config.hidden_size
+    assert one_v["weight_bytes_per_gpu"] == one
+    assert two - two_v["weight_bytes_per_gpu"] == (V - -(-V // 2)) * h * 4  # fp32 rows
 
 
 def _replayed_on_cpu(ctx) -> dict:

@@ -356,7 +356,7 @@ else:
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         assert not fused._pad.any() and fused.phase == 0
 
-    def _fused_vs_plain(ctx, path: str, batch: int) -> tuple[float, float]:
+    def _fused_vs_plain(ctx, path: str, batch: int, vocab: bool) -> tuple[float, float]:
         """This TP rank's fast step with the fused all-reduce (uncompiled, the ranks' buffers
         and pads shared files) against the plain TP step: max |fused - plain| of its logits, and
         max |second - first| of two fused steps in a row (the buffers alternate across steps)."""
@@ -364,25 +364,25 @@ else:
         from workbench.parallel.replay import fused_step
 
         with torch.inference_mode():
-            dec = tp_decoder(ctx, path, batch)
+            dec = tp_decoder(ctx, path, batch, vocab_parallel=vocab)
             step = fused_step(dec, compile=False, attention="triton-rope", allreduce="fused")
             first, second = step(), step()
             plain = dec.forward(dec.batch(dec.pos))
         return float((first - plain).abs().max()), float((second - first).abs().max())
 
-    @pytest.mark.parametrize("ranks", [2, 4])
-    def test_fused_allreduce_on_tp_ranks_gives_the_plain_step(ranks, tmp_path):
+    @pytest.mark.parametrize("ranks, vocab", [(2, False), (4, True)])
+    def test_fused_allreduce_on_tp_ranks_gives_the_plain_step(ranks, vocab, tmp_path):
         """TP ranks as processes, each mapping every rank's buffer and signal pad (shared files
         standing for symmetric memory): the fused kernels wait for each other through the flags,
         sum every rank's partial products and add the biases once - the plain TP step's logits,
-        twice in a row."""
+        twice in a row; TP 4 with a vocabulary-parallel head (81 rows: the last shard padded)."""
         from tests.helpers import tiny_config, write_tiny_checkpoint
         from workbench.parallel.launch import launch
 
-        biased = tiny_config(vocab_size=80, hidden_size=64, intermediate_size=64,
+        biased = tiny_config(vocab_size=81, hidden_size=64, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                              head_dim=16, qkv_bias=True, o_bias=True, mlp_bias=True)
         write_tiny_checkpoint(tmp_path, biased, seed=5)
-        results = launch(_fused_vs_plain, ranks, str(tmp_path), 3, timeout_s=300)
+        results = launch(_fused_vs_plain, ranks, str(tmp_path), 3, vocab, timeout_s=300)
         assert max(d for d, _ in results) < 1e-4, results
         assert max(again for _, again in results) == 0.0, results

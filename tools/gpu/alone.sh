@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's TP all-reduces on ONE GPU, in one call of about 8 minutes (only one-GPU kinds were lent in sessions 13-16):
+# Issue 5's TP all-reduces on ONE GPU, in one call of about 9 minutes (only one-GPU kinds were lent in sessions 13-16):
 # what each back end's code costs inside a TP rank's step, with no peer to wait for. Stages (STAGES, in this order):
 #   smoke   tools/gpu/allreduce_smoke.py --ranks 1 (limit 100 s): NCCL's, the one-shot's and the fused all-reduce's
 #           code paths (buffers, rendezvous, capture, the Triton kernel's compile) with nothing to sum across
@@ -9,10 +9,13 @@
 #           lower bound of the TP step)
 #   tests   tests/test_parallel_gpu.py -k "alone or never_arrives" (limit 120 s): both all-reduces over a rank alone in
 #           fp32 give the eager step's logits; a fused all-reduce whose peer never arrives traps, and the process ends
-# Results to $OUT: alone.log, smoke.log, tp-fused-alone-llama-3.1-8b_<gpu>_<date>.json, alone-tests.log.
+#   vocab   bench tp --tp 2,4 --alone --fast --vocab-parallel (limit 150 s): the same ranks with 1/tp of the LM head
+#           (its embedding all-reduce and logits all-gather left out with the rest of the communication)
+# Results to $OUT: alone.log, smoke.log, tp-fused-alone-llama-3.1-8b_<gpu>_<date>.json, alone-tests.log,
+# tp-vocab-alone-llama-3.1-8b_<gpu>_<date>.json. The whole: about 9 minutes, so call it with the 600 s limit.
 # Run from the repository root: OUT=$OUT bash tools/gpu/alone.sh
 set -u
-STAGES=${STAGES:-smoke bench tests}
+STAGES=${STAGES:-smoke bench tests vocab}
 LOG=alone.log
 source tools/gpu/stages.sh  # $OUT, the log, setup.sh ($GPU_TAG), has, step, fail
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -35,6 +38,12 @@ if has tests; then
     timeout 120 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_parallel_gpu.py \
         -k "alone or never_arrives" > "$OUT/alone-tests.log" 2>&1 || fail=1
     tail -15 "$OUT/alone-tests.log"
+fi
+if has vocab; then
+    step "bench tp --alone --vocab-parallel, the 8B shape"
+    timeout 150 python -m workbench bench tp --model preset:llama-3.1-8b --tp 2,4 --alone --fast --vocab-parallel \
+        --batch-sizes 1,32 --context-len 128 --steps 20 --timeout 140 \
+        --json "$OUT/tp-vocab-alone-llama-3.1-8b_${GPU_TAG}_$(date +%F).json" || fail=1
 fi
 step "done, exit $fail"
 exit $fail

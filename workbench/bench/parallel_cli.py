@@ -70,6 +70,10 @@ def add_parser(bench_sub) -> None:
                                 "(not a TP step: no communication); with --symm-mem (--fused-allreduce) also with the "
                                 "one-shot (fused) all-reduce over the rank alone (its kernels' cost, no "
                                 "peer: a lower bound of the TP step)")
+            b.add_argument("--vocab-parallel", action="store_true",
+                           help="TP > 1 also splits the embedding and the LM head by vocabulary "
+                                "rows (one all-reduce after the lookup, the logits all-gathered): "
+                                "each rank reads 1/tp of the head instead of all of it")
             b.add_argument("--profile", action="store_true",
                            help="a torch.profiler table of rank 0's fastest step per row (GPU: "
                                 "kernels by device time; CPU: operators), in the JSON as "
@@ -111,7 +115,9 @@ def run(args: argparse.Namespace) -> dict:
         print("--cuda-graphs / --fast / --symm-mem / --fused-allreduce replay CUDA graphs, which "
               "need a GPU: timing the eager step only")
     if args.bench_name == "tp":
-        grids = tuple(ParallelConfig(tp=t) for t in _ints(args.tp, "tp"))
+        vocab = args.vocab_parallel
+        grids = tuple(ParallelConfig(tp=t, vocab_parallel=vocab and t > 1)
+                      for t in _ints(args.tp, "tp"))
     else:
         ms = _ints(args.micro_batches, "micro-batches")
         grids = tuple(ParallelConfig(pp=p, micro_batches=m) for p in _ints(args.pp, "pp")
@@ -147,6 +153,8 @@ def run(args: argparse.Namespace) -> dict:
               "model": args.model, "dtype": dtype, "date": datetime.date.today().isoformat(),
               **({"alone": "each grid's TP rank 0 in one process, all-reduces left out"}
                  if alone else {}),
+              **({"vocab_parallel": "TP > 1: embedding and LM head split by vocabulary rows"}
+                 if getattr(args, "vocab_parallel", False) else {}),
               "workload": {"batch_sizes": list(batches), "context_len": args.context_len,
                            "steps": args.steps, "warmup": args.warmup},
               **({"fast_attention": args.fast_attention, "fast_linear": args.fast_linear}

@@ -10,7 +10,9 @@ checks read. The floor (:mod:`workbench.parallel.measure` states it)::
 ``floor_ms`` counts the all-reduces at their eager latency; replayed steps are also set against
 a stricter floor with the all-reduce replayed from a CUDA graph (NCCL's: ``graph_ar``, the one-shot
 through symmetric memory: ``symm``). A rank alone (``bench tp --alone``) runs no all-reduce, so its
-floor has none.
+floor has none. With a vocabulary-parallel head (``bench tp --vocab-parallel``) a rank's weight bytes
+hold 1/tp of the LM head; the embedding's all-reduce and the logits' all-gather that it adds stay
+out of the floor (it counts only what every TP step needs).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def decode_row(par: ParallelConfig, B: int, step_s: float, ranks: list[dict], ba
     comm = ar_count * ar_s if reduces else 0.0
     row = {"system": f"workbench/{par}" + (" rank alone" if bench.alone else ""), "tp": par.tp,
            "pp": par.pp, "micro_batches": m, **({"alone": True} if bench.alone else {}),
+           **({"vocab_parallel": True} if par.vocab_parallel else {}),
            "batch": B, "context_len": bench.context_len, "step_ms": step_s * 1e3,
            "output_tok_s": B / step_s, "floor_ms": floor * 1e3, "step_over_floor": step_s / floor,
            "weight_bytes_per_gpu": max(r["weight_bytes"] for r in ranks),
