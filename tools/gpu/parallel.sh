@@ -33,6 +33,8 @@
 # (550 s; tp-symm times the eager step and the fast path with NCCL, the one-shot and the fused one, pp-graphs the eager
 # pipeline, its replayed stages and the micro-batches in flight).
 # The tp-graphs stage compiles the fast path on every rank of 3 jobs (TP 1, 2, 4): allow it 240 s.
+# VOCAB=1: the tp-symm stage with --vocab-parallel (each TP rank 1/tp of the LM head: a quarter of a TP 4 rank's
+# bytes for the 8B shape), written to bench_tp_symm_vocab.json instead.
 set -u
 OUT=${OUT:-out/gpu-parallel}
 DEVICE=${DEVICE:-cuda}
@@ -90,7 +92,8 @@ if has tp-symm && [ "$DEVICE" = cuda ]; then
     step "bench tp --fast --symm-mem --fused-allreduce"
     timeout $T_SYMM $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
         --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --fused-allreduce --profile \
-        --json "$OUT/bench_tp_symm.json" \
+        $([ "${VOCAB:-0}" = 1 ] && echo --vocab-parallel) \
+        --json "$OUT/bench_tp_symm$([ "${VOCAB:-0}" = 1 ] && echo _vocab).json" \
         || echo "one-shot all-reduce run failed (the other results stand)"
 fi
 if has pp; then
