@@ -89,11 +89,11 @@ if has tp-graphs && [ "$DEVICE" = cuda ]; then
         || echo "cuda-graph run failed (the eager results stand)"
 fi
 if has tp-symm && [ "$DEVICE" = cuda ]; then
+    vocab=$([ "${VOCAB:-0}" = 1 ] && echo 1)
     step "bench tp --fast --symm-mem --fused-allreduce"
     timeout $T_SYMM $PY -m workbench bench tp --model $MODEL --tp $TP --batch-sizes $BS --context-len $CTX \
         --steps $STEPS --device $DEVICE --timeout $((T_SYMM - 10)) --fast --symm-mem --fused-allreduce --profile \
-        $([ "${VOCAB:-0}" = 1 ] && echo --vocab-parallel) \
-        --json "$OUT/bench_tp_symm$([ "${VOCAB:-0}" = 1 ] && echo _vocab).json" \
+        ${vocab:+--vocab-parallel} --json "$OUT/bench_tp_symm${vocab:+_vocab}.json" \
         || echo "one-shot all-reduce run failed (the other results stand)"
 fi
 if has pp; then

@@ -115,8 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         print("--cuda-graphs / --fast / --symm-mem / --fused-allreduce replay CUDA graphs, which "
               "need a GPU: timing the eager step only")
     if args.bench_name == "tp":
-        vocab = args.vocab_parallel
-        grids = tuple(ParallelConfig(tp=t, vocab_parallel=vocab and t > 1)
+        grids = tuple(ParallelConfig(tp=t, vocab_parallel=args.vocab_parallel and t > 1)
                       for t in _ints(args.tp, "tp"))
     else:
         ms = _ints(args.micro_batches, "micro-batches")
