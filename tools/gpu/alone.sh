@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's TP all-reduces on ONE GPU, in one call of about 9 minutes (only one-GPU kinds were lent in sessions 13-16):
+# Issue 5's TP all-reduces on ONE GPU, in one call (only one-GPU kinds were lent in sessions 13-17):
 # what each back end's code costs inside a TP rank's step, with no peer to wait for. Stages (STAGES, in this order):
 #   smoke   tools/gpu/allreduce_smoke.py --ranks 1 (limit 100 s): NCCL's, the one-shot's and the fused all-reduce's
 #           code paths (buffers, rendezvous, capture, the Triton kernel's compile) with nothing to sum across
@@ -12,7 +12,8 @@
 #   vocab   bench tp --tp 2,4 --alone --fast --vocab-parallel (limit 150 s): the same ranks with 1/tp of the LM head
 #           (its embedding all-reduce and logits all-gather left out with the rest of the communication)
 # Results to $OUT: alone.log, smoke.log, tp-fused-alone-llama-3.1-8b_<gpu>_<date>.json, alone-tests.log,
-# tp-vocab-alone-llama-3.1-8b_<gpu>_<date>.json. The whole: about 9 minutes, so call it with the 600 s limit.
+# tp-vocab-alone-llama-3.1-8b_<gpu>_<date>.json. The whole took 180 s on an H100 (2026-12-06); its stage limits add
+# up to 9 minutes, so call it with the 600 s limit.
 # Run from the repository root: OUT=$OUT bash tools/gpu/alone.sh
 set -u
 STAGES=${STAGES:-smoke bench tests vocab}
