@@ -2,8 +2,9 @@
 
 * ``bench tp --alone --symm-mem --fused-allreduce``: the one-shot all-reduce through symmetric
   memory over a rank alone, inside the fast step, plain and fused into the next norm - a sum over
-  one rank changes nothing, so the step's logits are the eager step's; and the fused kernel's
-  timeout: a peer that never arrives makes it trap, not hang;
+  one rank changes nothing, so the step's logits are the eager step's; the fused kernel's
+  timeout: a peer that never arrives makes it trap, not hang; and its barrier with peers, 2 and 4
+  ranks as streams of the one GPU (everything of a TP step's all-reduce but NVLink);
 * ``bench agree --backend gloo``: TP ranks sharing the GPU (gloo's all-reduce on CUDA tensors),
   the bf16 logits within twice one device's own bf16 error.
 
@@ -77,6 +78,70 @@ def test_a_peer_that_never_arrives_traps_the_fused_allreduce():
                          timeout=120)
     assert run.returncode == 3, run.stdout + run.stderr[-2000:]
     assert "raised after" in run.stdout and time.monotonic() - start < 60, run.stdout
+
+
+_RANKS_AS_STREAMS = """
+import sys, torch
+from workbench.parallel.allreduce_norm import allreduce_add_rms, reference_add_rms
+world, rows, n, calls = int(sys.argv[1]), 3, 4096, 24
+dev = torch.device("cuda")
+g = torch.Generator(device=dev).manual_seed(world)
+buffers = [torch.zeros(2 * rows * n, device=dev) for _ in range(world)]
+pads = [torch.zeros(rows * world, dtype=torch.int32, device=dev) for _ in range(world)]
+address = lambda ts: torch.tensor([t.data_ptr() for t in ts], device=dev)
+bufs, pad_ptrs = address(buffers), address(pads)
+partials = torch.randn(calls, world, rows, n, generator=g, device=dev)
+weight = torch.randn(n, generator=g, device=dev)
+start = torch.randn(rows, n, generator=g, device=dev)
+residuals = [start.clone() for _ in range(world)]
+streams = [torch.cuda.Stream() for _ in range(world)]
+hs = [[None] * calls for _ in range(world)]
+# First load each rank's compiled kernel (Triton specializes rank 1): loading waits for the GPU
+# to idle, so it would wait forever behind a rank spinning for a peer not yet launched. Each
+# warm-up call finds every peer arrived; it leaves only its own flags in the peers' pads.
+for r in range(world):
+    pads[r].view(rows, world)[:, :] = 1
+    pads[r].view(rows, world)[:, r] = 0
+    allreduce_add_rms(bufs, pad_ptrs, 0, start.clone(), weight, 1e-5, r, timeout_s=10.0)
+    torch.cuda.synchronize()
+    for pad in pads:
+        pad.zero_()
+torch.cuda.synchronize()
+for c in range(calls):  # every rank's calls queued on its own stream, the last rank's first
+    offset = (c % 2) * rows * n
+    for r in reversed(range(world)):
+        with torch.cuda.stream(streams[r]):
+            buffers[r][offset:offset + rows * n].view(rows, n).copy_(partials[c, r])
+            hs[r][c] = allreduce_add_rms(bufs, pad_ptrs, offset, residuals[r], weight, 1e-5, r,
+                                         timeout_s=10.0)
+torch.cuda.synchronize()
+want_r = start.clone()
+for c in range(calls):
+    want_h, want_r = reference_add_rms(list(partials[c]), want_r, weight, 1e-5)
+    for r in range(world):
+        assert torch.equal(hs[r][c], hs[0][c]), (c, r)  # every rank sums in the same order
+    torch.testing.assert_close(hs[0][c], want_h, rtol=1e-4, atol=1e-4)
+assert all(torch.equal(res, residuals[0]) for res in residuals)
+torch.testing.assert_close(residuals[0], want_r, rtol=1e-4, atol=1e-4)
+assert not any(p.any() for p in pads), [p.tolist() for p in pads]  # every flag consumed
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_allreduce_ranks_as_streams_on_one_gpu(world):
+    """The fused all-reduce's barrier on a GPU with peers: ``world`` ranks as streams of one GPU,
+    each with its own buffers and signal pad in that GPU's memory, 24 calls queued on every
+    stream (rows of the 8B shape's width, the two buffers in turn), so ranks run ahead, wait and
+    retry flags not yet consumed as they would across GPUs - only NVLink is missing. Every rank's
+    output equals every other's and the sums, residual adds and norms of PyTorch; every flag is
+    consumed. A deadlock traps after 10 s (its own process: a trap loses the CUDA context)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _RANKS_AS_STREAMS, str(world)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-3000:]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one NCCL rank each)")

@@ -7,8 +7,9 @@
 #           bf16, each grid's TP rank 0 shard from a CUDA graph - without its all-reduces, with the one-shot, with the
 #           all-reduce fused into the residual add and the next RMSNorm (their kernels at all 64 places, no peer: a
 #           lower bound of the TP step)
-#   tests   tests/test_parallel_gpu.py -k "alone or never_arrives" (limit 120 s): both all-reduces over a rank alone in
-#           fp32 give the eager step's logits; a fused all-reduce whose peer never arrives traps, and the process ends
+#   tests   tests/test_parallel_gpu.py -k "alone or never_arrives or streams" (limit 120 s): both all-reduces over a
+#           rank alone in fp32 give the eager step's logits; a fused all-reduce whose peer never arrives traps, and the
+#           process ends; its barrier with 2 and 4 ranks as streams of the one GPU sums right and consumes every flag
 #   vocab   bench tp --tp 2,4 --alone --fast --vocab-parallel (limit 150 s): the same ranks with 1/tp of the LM head
 #           (its embedding all-reduce and logits all-gather left out with the rest of the communication)
 # Results to $OUT: alone.log, smoke.log, tp-fused-alone-llama-3.1-8b_<gpu>_<date>.json, alone-tests.log,
@@ -35,9 +36,9 @@ if has bench; then
 fi
 
 if has tests; then
-    step "GPU tests: a rank alone in fp32, a peer that never arrives"
+    step "GPU tests: a rank alone in fp32, a peer that never arrives, ranks as streams"
     timeout 120 python -m pytest -o addopts="" -p no:cacheprovider -q tests/test_parallel_gpu.py \
-        -k "alone or never_arrives" > "$OUT/alone-tests.log" 2>&1 || fail=1
+        -k "alone or never_arrives or streams" > "$OUT/alone-tests.log" 2>&1 || fail=1
     tail -15 "$OUT/alone-tests.log"
 fi
 if has vocab; then
