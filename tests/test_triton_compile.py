@@ -116,22 +116,23 @@ def test_the_prune_keeps_a_config_for_every_call():
 @pytest.mark.parametrize("world", [2, 4])
 def test_fused_allreduce_kernel_compiles_for_sm90_with_its_barrier(world):
     """The fused all-reduce + residual add + RMSNorm (:mod:`workbench.parallel.allreduce_norm`)
-    for the 8B shape's hidden size: its flags are compare-and-swaps at system scope with
-    acquire-release order (peers on other GPUs read what was written before the flag), each
-    done by one thread of the program; every wait reads the GPU's clock and can trap (a peer
-    that never arrives must not hang a CUDA graph); the peers' rows skip L1 (``.cg``)."""
+    for the 8B shape's hidden size: it arrives at every rank with one exchange, release order at
+    system scope (peers on other GPUs see what was written before the flag), each lane's by one
+    thread and none waiting for another's round trip; it waits on its own pad with volatile loads
+    and then an acquire fence; every wait reads the GPU's clock and can trap (a peer that never
+    arrives must not hang a CUDA graph); the peers' rows skip L1 (``.cg``)."""
     from workbench.parallel.allreduce_norm import _allreduce_add_rms_kernel
 
     signature = {"Bufs": "*i64", "Pads": "*i64", "Res": "*bf16", "W": "*bf16", "Bias": "*bf16",
                  "H": "*bf16", "offset": "i32", "N": "i32", "eps": "fp32", "rank": "i32",
                  "timeout_ns": "i64"}
     compiled = compile_sm90(_allreduce_add_rms_kernel, signature,
-                            dict(WORLD=world, BLOCK=4096, HAS_BIAS=False, TIMED=True),
+                            dict(WORLD=world, LANES=world, BLOCK=4096, HAS_BIAS=False, ON_GPU=True),
                             ["Res", "W", "H", "Bias", "N"], 8, 1)
     ptx = compiled.asm["ptx"]
-    cas = [line for line in ptx.splitlines() if "atom." in line]
-    assert len(cas) == 2 * 2 * world  # arrive at each rank, wait on each: a first try and a retry
-    assert all("atom.global.acq_rel.sys.cas.b32" in line and line.strip().startswith("@")
-               for line in cas), cas  # predicated: one thread
+    atoms = [line.strip() for line in ptx.splitlines() if "atom." in line]
+    assert len(atoms) == 1 and atoms[0].startswith("@"), atoms  # one exchange, per owning thread
+    assert all(k in atoms[0] for k in (".sys", ".release", ".exch")), atoms
+    assert "ld.volatile.global" in ptx and "fence.acq_rel.sys" in ptx
     assert "%globaltimer" in ptx and "trap;" in ptx
     assert ptx.count("ld.global.cg") >= world  # the rows of every rank's buffer

@@ -13,7 +13,8 @@ Here the product writes its partial sum straight into this rank's symmetric buff
 with ``out=``: no copy), and one kernel does the rest::
 
     program r (row r of the batch):
-        signal "row r written" to every peer ; wait for every peer's signal for row r
+        write this call's number into my flag for row r in every rank's pad (all at once)
+        wait until every rank's flag for row r in my pad holds this call's number (or the next)
         s = buffer_0[r] + ... + buffer_(w-1)[r]   (read over NVLink, summed in float32)
         residual[r] += s (+ bias) ; h[r] = weight * RMSNorm(residual[r])
 
@@ -22,20 +23,23 @@ is replaced by two buffers used in turn: o_proj writes buffer 0, down_proj buffe
 o_proj buffer 0 again - only after this rank passed the barrier on buffer 1, which each peer
 reaches only once its kernel that read buffer 0 has finished (a stream runs its kernels in order).
 
-The barrier is the signal-pad protocol of PyTorch's symmetric memory ops, written in Triton: a
-rank *arrives* at a peer by turning a flag of the peer's signal pad from 0 to 1 (compare-and-swap,
-retried while the flag is still 1 from the last call, not yet consumed), and *waits* by turning
-each flag of its own pad from 1 back to 0 - release and acquire at system scope, so the partial
-sums written before the signal are seen after it. A peer that never arrives (dead, or stopped)
-would leave the kernel spinning forever inside a CUDA graph: every spin is bounded by
-``timeout_s`` (read from the GPU's nanosecond clock), after which the kernel executes ``trap`` -
-the CUDA context fails, the host's next synchronization raises, and the rank exits like any rank
-whose collective failed (:mod:`workbench.parallel.faults`).
+The barrier counts calls, as vLLM's custom all-reduce does: the flags are never reset, each holds
+the number of the last call its rank reached, so a rank that runs one call ahead (it can be no
+more: it waited for this rank) leaves a number that still counts as arrived. One lane per rank
+arrives at every rank at once (an exchange with release order at system scope, so the partial sums
+written before it are seen by whoever sees the flag) - no round trip to wait for - and the wait
+reads this GPU's own pad (volatile loads, then an acquire fence). The number of a call is the
+rank's own flag plus one: only this rank writes its own flag, so no counter of its own is kept,
+and a CUDA graph replays the count. A peer that never arrives (dead, or stopped) would leave the
+kernel spinning forever inside a CUDA graph: the wait is bounded by ``timeout_s`` (read from the
+GPU's nanosecond clock), after which the kernel executes ``trap`` - the CUDA context fails, the
+host's next synchronization raises, and the rank exits like any rank whose collective failed
+(:mod:`workbench.parallel.faults`).
 
 For GPUs (symmetric memory is CUDA's; NVLink multicast stays off). In the tests the same kernel
 runs in Triton's interpreter on the CPU: over plain tensors standing for the peers' buffers and
 pads, and across TP ranks as CPU processes that map each other's buffers and pads as shared files
-(the interpreter's compare-and-swaps are real atomics), where the step gives the plain TP step's
+(the interpreter's atomics are real ones), where the step gives the plain TP step's
 logits (``tests/test_triton_interpreter.py``); and it compiles for sm_90 without a GPU
 (``tests/test_triton_compile.py``). Used by :class:`~workbench.engine.fastpath.FusedDecoder`
 (``reduce_norm``) and ``bench tp --fused-allreduce``.
@@ -69,32 +73,40 @@ if triton is not None:
                                          is_pure=False, pack=1)
 
     @triton.jit
-    def _spin_swap(flag, expect, new, t0, timeout_ns, TIMED: tl.constexpr):
-        """Turn ``*flag`` from ``expect`` to ``new``, retrying while it holds something else;
-        past ``timeout_ns`` since ``t0``, trap (TIMED: on a GPU; the interpreter has no clock)."""
-        seen = tl.atomic_cas(flag, expect, new, sem="acq_rel", scope="sys")
-        while seen != expect:
-            if TIMED:
-                if _now_ns() - t0 > timeout_ns:
-                    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False,
-                                              pack=1)
-            seen = tl.atomic_cas(flag, expect, new, sem="acq_rel", scope="sys")
+    def _acquire_fence():
+        """``fence.acq_rel.sys``: after it, this thread sees what the peers wrote before the flags
+        its relaxed loads saw (the PTX memory model's acquire pattern)."""
+        tl.inline_asm_elementwise("fence.acq_rel.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def _allreduce_add_rms_kernel(Bufs, Pads, Res, W, Bias, H, offset, N, eps, rank, timeout_ns,
-                                  WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                                  HAS_BIAS: tl.constexpr, TIMED: tl.constexpr):
+                                  WORLD: tl.constexpr, LANES: tl.constexpr, BLOCK: tl.constexpr,
+                                  HAS_BIAS: tl.constexpr, ON_GPU: tl.constexpr):
         row = tl.program_id(0)
         t0 = 0
-        if TIMED:
+        if ON_GPU:
             t0 = _now_ns()
-        slot = row * WORLD  # row r's flags: one per rank
-        for p in tl.static_range(WORLD):  # arrive: "my row r is written" at every peer
-            pad = tl.load(Pads + p).to(tl.pointer_type(tl.int32))
-            _spin_swap(pad + slot + rank, 0, 1, t0, timeout_ns, TIMED)
+        lane = tl.arange(0, LANES)  # one lane per rank (LANES: WORLD rounded up to a power of 2)
+        live = lane < WORLD
+        peer = tl.where(live, lane, 0)
+        flag = row * WORLD + rank  # my flag for row r, in every rank's pad: my last call's number
         mine = tl.load(Pads + rank).to(tl.pointer_type(tl.int32))
-        for p in tl.static_range(WORLD):  # wait: every peer's row r is written
-            _spin_swap(mine + slot + p, 1, 0, t0, timeout_ns, TIMED)
+        call = tl.load(mine + flag) + 1  # this call's number, the same on every rank
+        pads = tl.load(Pads + peer).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(pads + flag, tl.zeros([LANES], tl.int32) + call, mask=live, sem="release",
+                       scope="sys")  # arrive at every rank at once: "my row r of this call is written"
+        waits = mine + row * WORLD + peer  # every rank's flag for row r, in my pad
+        seen = tl.load(waits, mask=live, other=0, volatile=True)
+        # a peer not yet at this call (a difference: the count may wrap around, as int32 does)
+        while tl.min(tl.where(live, seen - call, 0), axis=0) < 0:
+            if ON_GPU:
+                if _now_ns() - t0 > timeout_ns:
+                    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False,
+                                              pack=1)
+            seen = tl.load(waits, mask=live, other=0, volatile=True)
+        if ON_GPU:
+            _acquire_fence()
         tl.debug_barrier()  # the whole program reads only after the flags were seen
 
         dt = H.dtype.element_ty
@@ -137,7 +149,7 @@ def allreduce_add_rms(bufs: torch.Tensor, pads: torch.Tensor, offset: int, resid
     """The kernel, over raw addresses: ``bufs`` [world] int64 - where each rank's buffer starts
     (its partial sums at element ``offset``, [rows, hidden] row-major, ``residual``'s dtype);
     ``pads`` [world] int64 - each rank's signal pad (int32 flags, ``rows x world`` of them, zero
-    between calls). ``residual`` [rows, hidden] is updated in place; returns h [rows, hidden]."""
+    before the first call; each then holds the number of its rank's last call). ``residual`` [rows, hidden] is updated in place; returns h [rows, hidden]."""
     if triton is None:
         raise WorkbenchError("the fused all-reduce needs Triton (a GPU install, or the interpreter)")
     rows, n = residual.shape
@@ -151,10 +163,10 @@ def allreduce_add_rms(bufs: torch.Tensor, pads: torch.Tensor, offset: int, resid
         raise WorkbenchError("the residual stream must be contiguous (it is updated in place)")
     h = torch.empty_like(residual)
     block = triton.next_power_of_2(n)
-    timed = residual.is_cuda  # the interpreter (CPU tensors) has no clock to read
-    _allreduce_add_rms_kernel[(rows,)](
+    _allreduce_add_rms_kernel[(rows,)](  # the interpreter (CPU tensors): no clock, no PTX fence
         bufs, pads, residual, weight, weight if bias is None else bias, h, offset, n, eps, rank,
-        int(timeout_s * 1e9), WORLD=world, BLOCK=block, HAS_BIAS=bias is not None, TIMED=timed,
+        int(timeout_s * 1e9), WORLD=world, LANES=triton.next_power_of_2(max(world, 2)),
+        BLOCK=block, HAS_BIAS=bias is not None, ON_GPU=residual.is_cuda,
         num_warps=max(1, min(16, block // 512)))
     return h
 
@@ -200,7 +212,7 @@ class AllReduceAddNorm:
 
     def _map_shared_files(self, group, numel: int, dtype: torch.dtype):
         """Symmetric memory for CPU processes: each rank's buffer and pad is a file (zeros) that
-        every rank maps shared, so its writes are every peer's reads and its compare-and-swaps
+        every rank maps shared, so its writes are every peer's reads and its atomic exchanges
         (the interpreter's are real atomics) every peer's flags. The files are removed once all
         ranks hold their mappings."""
         import shutil
