@@ -1,16 +1,16 @@
 """The fused all-reduce's barrier timed with peers on ONE GPU: ``world`` ranks as streams.
 
     python tools/gpu/fused_barrier_streams.py [--worlds 1,2,4] [--rows 1,32] [--calls 400]
-        [--against OTHER.py] [--json OUT.json]
+        [--repeats 3] [--against OTHER.py] [--json OUT.json]
 
 Each rank has its own buffers and signal pad in the one GPU's memory and its own stream; ``calls``
 calls of :func:`workbench.parallel.allreduce_norm.allreduce_add_rms` (hidden 4096, fp32 so that
 the sums are exact, the two buffers in turn) are captured on every stream into one CUDA graph (the
 ranks its parallel branches; launching from Python would time the host), and its replay's time
 over ``calls`` is a call's cost with the peers' flags in the same GPU's memory: the barrier's
-atomics, polling and fence without NVLink (across GPUs each flag and row crosses it). ``--against`` times a
-second implementation of the module (another version of ``allreduce_norm.py``) in the same
-process, in turns, for an A/B comparison. A benchmark, not a test: nothing asserted but the sums.
+atomics, polling and fence without NVLink (across GPUs each flag and row crosses it).
+``--against`` times a second implementation of the module (another version of
+``allreduce_norm.py``) in the same process, in turns, for an A/B comparison. A benchmark, not a test: nothing asserted but the sums.
 """
 
 from __future__ import annotations
@@ -95,9 +95,11 @@ def main() -> None:
             for _ in range(args.repeats):  # in turns, so that drift hits both alike
                 for name, module in modules.items():
                     times[name].append(time_calls(module, world, rows, args.calls) * 1e6)
-            row = {"world": world, "rows": rows} | {f"{k}_us": statistics.median(v) for k, v in times.items()}
+            row = {"world": world, "rows": rows} | {f"{k}_us": statistics.median(v)
+                                                    for k, v in times.items()}
             results.append(row)
-            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

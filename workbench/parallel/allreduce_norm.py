@@ -94,8 +94,9 @@ if triton is not None:
         mine = tl.load(Pads + rank).to(tl.pointer_type(tl.int32))
         call = tl.load(mine + flag) + 1  # this call's number, the same on every rank
         pads = tl.load(Pads + peer).to(tl.pointer_type(tl.int32))
+        # arrive at every rank at once: "my row r of this call is written"
         tl.atomic_xchg(pads + flag, tl.zeros([LANES], tl.int32) + call, mask=live, sem="release",
-                       scope="sys")  # arrive at every rank at once: "my row r of this call is written"
+                       scope="sys")
         waits = mine + row * WORLD + peer  # every rank's flag for row r, in my pad
         seen = tl.load(waits, mask=live, other=0, volatile=True)
         # a peer not yet at this call (a difference: the count may wrap around, as int32 does)
@@ -149,7 +150,8 @@ def allreduce_add_rms(bufs: torch.Tensor, pads: torch.Tensor, offset: int, resid
     """The kernel, over raw addresses: ``bufs`` [world] int64 - where each rank's buffer starts
     (its partial sums at element ``offset``, [rows, hidden] row-major, ``residual``'s dtype);
     ``pads`` [world] int64 - each rank's signal pad (int32 flags, ``rows x world`` of them, zero
-    before the first call; each then holds the number of its rank's last call). ``residual`` [rows, hidden] is updated in place; returns h [rows, hidden]."""
+    before the first call; each then holds the number of its rank's last call). ``residual``
+    [rows, hidden] is updated in place; returns h [rows, hidden]."""
     if triton is None:
         raise WorkbenchError("the fused all-reduce needs Triton (a GPU install, or the interpreter)")
     rows, n = residual.shape
