@@ -1,6 +1,6 @@
 """The fused all-reduce's barrier timed with peers on ONE GPU: ``world`` ranks as streams.
 
-    python tools/gpu/fused_barrier_streams.py [--worlds 1,2,4] [--rows 1,32] [--calls 400]
+    PYTHONPATH=. python tools/gpu/fused_barrier_streams.py [--worlds 1,2,4] [--rows 1,32] [--calls 400]
         [--repeats 3] [--against OTHER.py] [--json OUT.json]
 
 Each rank has its own buffers and signal pad in the one GPU's memory and its own stream; ``calls``
@@ -103,7 +103,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "calls": args.calls, "results": results}, f, indent=1)
+                       "calls": args.calls, "this": allreduce_norm.__file__,
+                       "against": args.against, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
