@@ -320,6 +320,22 @@ else:
             pads[p].view(max_rows, world)[:rows, rank] = before[p].view(max_rows, world)[:rows, rank]
             assert torch.equal(pads[p], before[p])  # and no other flag changed
 
+    def test_fused_allreduce_counts_a_peer_one_call_ahead_as_arrived():
+        """A peer that saw this rank arrive may finish its call and arrive at the next before this
+        rank reads its flag: a flag past this call's number counts as arrived (the wait compares
+        by difference), and the sum is this call's."""
+        from workbench.parallel.allreduce_norm import allreduce_add_rms
+
+        world, n = 2, 16
+        buffers = [torch.full((2 * n,), float(r + 1)) for r in range(world)]
+        pads = [torch.zeros(world, dtype=torch.int32) for _ in range(world)]
+        pads[0][1] = 2  # rank 1 is already at call 2; rank 0 is at call 1
+        residual = torch.zeros(1, n)
+        address = lambda ts: torch.tensor([t.data_ptr() for t in ts])  # noqa: E731
+        allreduce_add_rms(address(buffers), address(pads), 0, residual, torch.ones(n), 1e-5, 0)
+        assert residual.eq(3.0).all()  # 1 + 2
+        assert pads[0].tolist() == [1, 2] and pads[1].tolist() == [1, 0]
+
     def test_fused_allreduce_refuses_what_does_not_fit():
         from workbench.errors import WorkbenchError
         from workbench.parallel.allreduce_norm import allreduce_add_rms
