@@ -82,31 +82,17 @@ def test_a_peer_that_never_arrives_traps_the_fused_allreduce():
 
 _RANKS_AS_STREAMS = """
 import sys, torch
-from workbench.parallel.allreduce_norm import allreduce_add_rms, reference_add_rms
+from workbench.parallel.allreduce_norm import allreduce_add_rms, reference_add_rms, stream_ranks
 world, rows, n, calls = int(sys.argv[1]), 3, 4096, 24
 dev = torch.device("cuda")
 g = torch.Generator(device=dev).manual_seed(world)
-buffers = [torch.zeros(2 * rows * n, device=dev) for _ in range(world)]
-pads = [torch.zeros(rows * world, dtype=torch.int32, device=dev) for _ in range(world)]
-address = lambda ts: torch.tensor([t.data_ptr() for t in ts], device=dev)
-bufs, pad_ptrs = address(buffers), address(pads)
+buffers, pads, bufs, pad_ptrs = stream_ranks(world, rows, n, torch.float32, dev)
 partials = torch.randn(calls, world, rows, n, generator=g, device=dev)
 weight = torch.randn(n, generator=g, device=dev)
 start = torch.randn(rows, n, generator=g, device=dev)
 residuals = [start.clone() for _ in range(world)]
 streams = [torch.cuda.Stream() for _ in range(world)]
 hs = [[None] * calls for _ in range(world)]
-# First load each rank's compiled kernel (Triton specializes rank 1): loading waits for the GPU
-# to idle, so it would wait forever behind a rank spinning for a peer not yet launched. Each
-# warm-up call finds every peer at call 1; then every flag is reset for the run.
-for r in range(world):
-    pads[r].view(rows, world)[:, :] = 1
-    pads[r].view(rows, world)[:, r] = 0
-    allreduce_add_rms(bufs, pad_ptrs, 0, start.clone(), weight, 1e-5, r, timeout_s=10.0)
-    torch.cuda.synchronize()
-    for pad in pads:
-        pad.zero_()
-torch.cuda.synchronize()
 for c in range(calls):  # every rank's calls queued on its own stream, the last rank's first
     offset = (c % 2) * rows * n
     for r in reversed(range(world)):

@@ -36,21 +36,10 @@ def load(path: str):
 def time_calls(module, world: int, rows: int, calls: int, n: int = 4096) -> float:
     """Seconds a call, ``world`` ranks as streams, after every rank's compiled kernel is loaded."""
     dev, dtype = torch.device("cuda"), torch.float32
-    buffers = [torch.zeros(2 * rows * n, device=dev, dtype=dtype) for _ in range(world)]
-    pads = [torch.zeros(rows * world, dtype=torch.int32, device=dev) for _ in range(world)]
-    address = lambda ts: torch.tensor([t.data_ptr() for t in ts], device=dev)  # noqa: E731
-    bufs, pad_ptrs = address(buffers), address(pads)
+    buffers, pads, bufs, pad_ptrs = allreduce_norm.stream_ranks(world, rows, n, dtype, dev,
+                                                                module.allreduce_add_rms)
     weight = torch.ones(n, device=dev, dtype=dtype)
     residuals = [torch.zeros(rows, n, device=dev, dtype=dtype) for _ in range(world)]
-    for r in range(world):  # load each rank's kernel first (loading waits for the GPU to idle)
-        for p in range(world):
-            pads[p].zero_()
-        pads[r].view(rows, world)[:, :] = 1
-        pads[r].view(rows, world)[:, r] = 0
-        module.allreduce_add_rms(bufs, pad_ptrs, 0, residuals[r].clone(), weight, 1e-5, r)
-        torch.cuda.synchronize()
-    for p in pads:
-        p.zero_()
     for r in range(world):
         buffers[r].fill_(r + 1)
     streams = [torch.cuda.Stream() for _ in range(world)]

@@ -61,7 +61,7 @@ try:
 except ImportError:  # CPU-only installs: nothing here runs there
     triton = None
 
-__all__ = ["AllReduceAddNorm", "allreduce_add_rms", "reference_add_rms"]
+__all__ = ["AllReduceAddNorm", "allreduce_add_rms", "reference_add_rms", "stream_ranks"]
 
 
 if triton is not None:
@@ -90,14 +90,15 @@ if triton is not None:
         lane = tl.arange(0, LANES)  # one lane per rank (LANES: WORLD rounded up to a power of 2)
         live = lane < WORLD
         peer = tl.where(live, lane, 0)
-        flag = row * WORLD + rank  # my flag for row r, in every rank's pad: my last call's number
+        slot = row * WORLD  # row r's flags, one per rank, in every rank's pad
+        flag = slot + rank  # mine: the number of my last call
         mine = tl.load(Pads + rank).to(tl.pointer_type(tl.int32))
         call = tl.load(mine + flag) + 1  # this call's number, the same on every rank
         pads = tl.load(Pads + peer).to(tl.pointer_type(tl.int32))
         # arrive at every rank at once: "my row r of this call is written"
         tl.atomic_xchg(pads + flag, tl.zeros([LANES], tl.int32) + call, mask=live, sem="release",
                        scope="sys")
-        waits = mine + row * WORLD + peer  # every rank's flag for row r, in my pad
+        waits = mine + slot + peer  # every rank's flag for row r, in my pad
         seen = tl.load(waits, mask=live, other=0, volatile=True)
         # a peer not yet at this call (a difference: the count may wrap around, as int32 does)
         while tl.min(tl.where(live, seen - call, 0), axis=0) < 0:
@@ -171,6 +172,32 @@ def allreduce_add_rms(bufs: torch.Tensor, pads: torch.Tensor, offset: int, resid
         BLOCK=block, HAS_BIAS=bias is not None, ON_GPU=residual.is_cuda,
         num_warps=max(1, min(16, block // 512)))
     return h
+
+
+def stream_ranks(world: int, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                 kernel=allreduce_add_rms) -> tuple[list, list, torch.Tensor, torch.Tensor]:
+    """``world`` ranks of the fused all-reduce on ONE device, for checks and timings of its
+    barrier with peers (each rank then runs on a stream of its own): ``(buffers, pads, bufs,
+    pad_ptrs)`` - every rank's two buffers and its signal pad (zeros), and their addresses for
+    ``kernel`` (this module's :func:`allreduce_add_rms`, or another version's). Every rank's
+    compiled kernel is loaded here, one call each with every peer already at call 1 (Triton
+    specializes rank 1): loading a kernel waits for the GPU to idle, so a rank's first call
+    queued behind a rank spinning for it would wait forever. The pads are zero again after."""
+    buffers = [torch.zeros(2 * rows * hidden, dtype=dtype, device=device) for _ in range(world)]
+    pads = [torch.zeros(rows * world, dtype=torch.int32, device=device) for _ in range(world)]
+    bufs, pad_ptrs = (torch.tensor([t.data_ptr() for t in ts], device=device)
+                      for ts in (buffers, pads))
+    ones = torch.ones(hidden, dtype=dtype, device=device)
+    for r in range(world):
+        pads[r].view(rows, world)[:, :] = 1
+        pads[r].view(rows, world)[:, r] = 0
+        kernel(bufs, pad_ptrs, 0, torch.zeros(rows, hidden, dtype=dtype, device=device), ones,
+               1e-5, r)
+        for pad in pads:
+            pad.zero_()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # before any other stream uses the pads
+    return buffers, pads, bufs, pad_ptrs
 
 
 class AllReduceAddNorm:
