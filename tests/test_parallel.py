@@ -3,6 +3,7 @@ bubble arithmetic, the figures, and the CLI's parallel flags (one small spawn)."
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import matplotlib
@@ -16,6 +17,7 @@ from workbench.model.batch import ForwardBatch
 from workbench.model.loading import load_model
 from workbench.model.presets import preset_config
 from workbench.parallel import ParallelConfig, balanced_stages, shard_config
+from workbench.parallel.plan import stage_costs
 from workbench.parallel.illustrate import pipeline_stages, split_matmul, tensor_parallel_layer
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, run_bubble,
                                          schedule_bubble, split_rows)
@@ -48,6 +50,21 @@ def test_balanced_stages_give_the_head_stage_fewer_layers():
     assert [len(s) for s in stages] in ([9, 9, 8, 6], [8, 9, 9, 6], [9, 8, 9, 6])
     with pytest.raises(WorkbenchError, match="at least 5 layers"):
         balanced_stages(tiny_config(num_hidden_layers=4), 5)
+
+
+@pytest.mark.parametrize("layers, pp, vocab", [(6, 2, 512), (7, 3, 4096), (12, 4, 64), (32, 4, 128256)])
+def test_balanced_stages_have_the_fastest_slowest_stage(layers, pp, vocab):
+    """No split of the layers into pp runs has a cheaper slowest stage (every split tried); of the
+    splits that tie, the one with the earlier stages shortest."""
+    config = (preset_config("llama-3.1-8b") if layers == 32 else
+              tiny_config(num_hidden_layers=layers, vocab_size=vocab))
+    splits = [[range(a, b) for a, b in zip((0, *cuts), (*cuts, layers))]
+              for cuts in itertools.combinations(range(1, layers), pp - 1)]
+    best = min(max(stage_costs(config, split)) for split in splits)
+    tied = [split for split in splits if max(stage_costs(config, split)) == best]
+    assert balanced_stages(config, pp) == min(tied, key=lambda split: [len(r) for r in split])
+    assert {sum(stage_costs(config, split)) for split in splits} == {  # every weight once, the head on the last
+        sum(stage_costs(config, [range(layers)]))}
 
 
 @pytest.mark.parametrize("how", ["columns", "rows"])

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from workbench.errors import WorkbenchError
 from workbench.model.config import ModelConfig
 
-__all__ = ["Mesh", "ParallelConfig", "alone_mesh", "balanced_stages", "check_tp", "make_mesh",
+__all__ = ["Mesh", "ParallelConfig", "alone_mesh", "balanced_stages", "check_tp", "make_mesh", "stage_costs",
            "shard_config"]
 
 
@@ -80,11 +80,20 @@ def _layer_cost(config: ModelConfig) -> int:
     return h * (2 * q + 2 * kv) + 3 * h * i  # weights read per token = decode time
 
 
+def stage_costs(config: ModelConfig, stages: list[range]) -> list[int]:
+    """Weights each stage reads per decode token: its layers', and the LM head's on the last one
+    (``vocab x hidden``). The cost :func:`balanced_stages` balances."""
+    layer, head = _layer_cost(config), config.vocab_size * config.hidden_size
+    return [len(r) * layer + (head if i == len(stages) - 1 else 0) for i, r in enumerate(stages)]
+
+
 def balanced_stages(config: ModelConfig, pp: int) -> list[range]:
     """Split the layers into ``pp`` runs of consecutive layers with the least maximum cost.
 
     A layer costs its weight count (decode reads every weight once); the last stage also pays
-    the LM head (``vocab x hidden``). Exact linear partition by dynamic programming.
+    the LM head (``vocab x hidden``): :func:`stage_costs`. Exact linear partition by dynamic
+    programming; where several splits share the least maximum, the first found (earlier stages
+    as short as that allows) is returned.
     """
     n = config.num_hidden_layers
     if pp > n:
