@@ -43,8 +43,9 @@ def causal_mask(T: int, S: int | None = None, device: torch.device | str = "cpu"
 def padded_causal_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     """Causal mask over rows with pad columns hidden: valid [B, S] -> [B, 1, T, S].
 
-    A pad query (its own column invalid) would see no key at all and SDPA would return NaN for it;
-    it is allowed to see itself instead. Its output is never used.
+    A pad query (its own column invalid) would see no key at all: a softmax over nothing, NaN in a
+    plain implementation (PyTorch's CPU SDPA returns zeros, other kernels need not); it is allowed to
+    see itself instead. Its output is never used.
     """
     B, S = valid.shape
     mask = causal_mask(T, S, valid.device)[None] & valid[:, None, :]  # [B, T, S]
