@@ -17,10 +17,10 @@ from workbench.model.batch import ForwardBatch
 from workbench.model.loading import load_model
 from workbench.model.presets import preset_config
 from workbench.parallel import ParallelConfig, balanced_stages, shard_config
-from workbench.parallel.plan import stage_costs
 from workbench.parallel.illustrate import pipeline_stages, split_matmul, tensor_parallel_layer
 from workbench.parallel.pipeline import (StageEvent, bubble_formula, measured_bubble, run_bubble,
                                          schedule_bubble, split_rows)
+from workbench.parallel.plan import stage_costs
 
 matplotlib.use("Agg")
 

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from workbench.errors import WorkbenchError
 from workbench.model.config import ModelConfig
 
-__all__ = ["Mesh", "ParallelConfig", "alone_mesh", "balanced_stages", "check_tp", "make_mesh", "stage_costs",
-           "shard_config"]
+__all__ = ["Mesh", "ParallelConfig", "alone_mesh", "balanced_stages", "check_tp", "make_mesh",
+           "shard_config", "stage_costs"]
 
 
 @dataclass(frozen=True)
