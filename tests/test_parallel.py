@@ -52,7 +52,8 @@ def test_balanced_stages_give_the_head_stage_fewer_layers():
         balanced_stages(tiny_config(num_hidden_layers=4), 5)
 
 
-@pytest.mark.parametrize("layers, pp, vocab", [(6, 2, 512), (7, 3, 4096), (12, 4, 64), (32, 4, 128256)])
+@pytest.mark.parametrize("layers, pp, vocab",
+                         [(6, 2, 512), (7, 3, 4096), (12, 4, 64), (32, 4, 128256)])
 def test_balanced_stages_have_the_fastest_slowest_stage(layers, pp, vocab):
     """No split of the layers into pp runs has a cheaper slowest stage (every split tried); of the
     splits that tie, the one with the earlier stages shortest."""
@@ -63,7 +64,8 @@ def test_balanced_stages_have_the_fastest_slowest_stage(layers, pp, vocab):
     best = min(max(stage_costs(config, split)) for split in splits)
     tied = [split for split in splits if max(stage_costs(config, split)) == best]
     assert balanced_stages(config, pp) == min(tied, key=lambda split: [len(r) for r in split])
-    assert {sum(stage_costs(config, split)) for split in splits} == {  # every weight once, the head on the last
+    # every weight counted once, the head on the last stage, whatever the split
+    assert {sum(stage_costs(config, split)) for split in splits} == {
         sum(stage_costs(config, [range(layers)]))}
 
 

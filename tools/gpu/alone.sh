@@ -9,7 +9,7 @@
 #           lower bound of the TP step)
 #   tests   tests/test_parallel_gpu.py -k "alone or never_arrives or streams" (limit 120 s): both all-reduces over a
 #           rank alone in fp32 give the eager step's logits; a fused all-reduce whose peer never arrives traps, and the
-#           process ends; its barrier with 2 and 4 ranks as streams of the one GPU sums right and consumes every flag
+#           process ends; its barrier with 2 and 4 ranks as streams of the one GPU sums right, every flag at the last call
 #   vocab   bench tp --tp 2,4 --alone --fast --vocab-parallel (limit 150 s): the same ranks with 1/tp of the LM head
 #           (its embedding all-reduce and logits all-gather left out with the rest of the communication)
 # Results to $OUT: alone.log, smoke.log, tp-fused-alone-llama-3.1-8b_<gpu>_<date>.json, alone-tests.log,

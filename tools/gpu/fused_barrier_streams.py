@@ -10,7 +10,8 @@ ranks its parallel branches; launching from Python would time the host), and its
 over ``calls`` is a call's cost with the peers' flags in the same GPU's memory: the barrier's
 atomics, polling and fence without NVLink (across GPUs each flag and row crosses it).
 ``--against`` times a second implementation of the module (another version of
-``allreduce_norm.py``) in the same process, in turns, for an A/B comparison. A benchmark, not a test: nothing asserted but the sums.
+``allreduce_norm.py``) in the same process, in turns, for an A/B comparison. A benchmark, not a
+test: nothing asserted but the sums.
 """
 
 from __future__ import annotations

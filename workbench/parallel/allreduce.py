@@ -110,9 +110,9 @@ def reduce_latency_s(reduce: Callable[[torch.Tensor], None], x: torch.Tensor, cp
     starting each round together after a warm-up; with ``graph`` (CUDA) ``iters`` calls captured in
     one CUDA graph and replayed, as in a replayed decode step.
 
-    The best round, not the mean: this latency goes into a *floor*, a lower bound, and a round that a
-    rank spent descheduled (two CPU ranks on two cores, say) only adds to it: the mean of one run of
-    30 gloo calls once made notebook 04's floor longer than the step it bounded."""
+    The best round, not the mean: this latency goes into a *floor*, a lower bound, and a round that
+    a rank spent descheduled (two CPU ranks on two cores, say) only adds to it: the mean of one run
+    of 30 gloo calls once made notebook 04's floor longer than the step it bounded."""
     cuda = x.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(x.device)) if cuda else (lambda: None)  # noqa: E731
     for _ in range(5):

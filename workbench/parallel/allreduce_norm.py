@@ -192,9 +192,9 @@ def stream_ranks(world: int, rows: int, hidden: int, dtype: torch.dtype, device:
         pads[r].view(rows, world)[:, :] = 1
         pads[r].view(rows, world)[:, r] = 0
         kernel(bufs, pad_ptrs, 0, torch.zeros(rows, hidden, dtype=dtype, device=device), ones,
-               1e-5, r)
-        for pad in pads:
-            pad.zero_()
+               1e-5, r)  # waits on pads[r] only, set just above
+    for pad in pads:
+        pad.zero_()
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # before any other stream uses the pads
     return buffers, pads, bufs, pad_ptrs

@@ -80,11 +80,14 @@ def _layer_cost(config: ModelConfig) -> int:
     return h * (2 * q + 2 * kv) + 3 * h * i  # weights read per token = decode time
 
 
+def _stage_cost(config: ModelConfig, layers: int, last: bool) -> int:
+    return layers * _layer_cost(config) + (config.vocab_size * config.hidden_size if last else 0)
+
+
 def stage_costs(config: ModelConfig, stages: list[range]) -> list[int]:
     """Weights each stage reads per decode token: its layers', and the LM head's on the last one
     (``vocab x hidden``). The cost :func:`balanced_stages` balances."""
-    layer, head = _layer_cost(config), config.vocab_size * config.hidden_size
-    return [len(r) * layer + (head if i == len(stages) - 1 else 0) for i, r in enumerate(stages)]
+    return [_stage_cost(config, len(r), i == len(stages) - 1) for i, r in enumerate(stages)]
 
 
 def balanced_stages(config: ModelConfig, pp: int) -> list[range]:
@@ -99,8 +102,7 @@ def balanced_stages(config: ModelConfig, pp: int) -> list[range]:
     if pp > n:
         raise WorkbenchError(f"pipeline parallelism {pp} needs at least {pp} layers; the model "
                              f"has {n}")
-    layer, head = _layer_cost(config), config.vocab_size * config.hidden_size
-    cost = lambda a, b, last: (b - a) * layer + (head if last else 0)  # noqa: E731
+    cost = lambda a, b, last: _stage_cost(config, b - a, last)  # noqa: E731
     best: dict[tuple[int, int], tuple[int, list[int]]] = {}  # (stage, start) -> (max cost, cuts)
 
     def solve(stage: int, start: int) -> tuple[int, list[int]]:

@@ -94,11 +94,11 @@ class Device:
         return self.link_latency_s + 2 * (tp - 1) / tp * nbytes / self.link_bandwidth
 
 
-# NVLink and PCIe all-reduce latencies are not datasheet figures. NVLink: measured on H200s when issue 5
-# was written (2026-11-27, quoted in the issue; no committed file holds them): an eager NCCL all-reduce
-# of 8 KB-1 MB took 38-57 us on 2 and 4 GPUs, an 8 KB one 19 us inside a CUDA graph on 2 GPUs; we take
-# the CUDA-graph figure, as the predictor gives floors. PCIe cards: assumed
-# twice that (40 us: traffic goes through the host's PCIe switch; an assumption, not a measurement).
+# NVLink and PCIe all-reduce latencies are not datasheet figures. NVLink: measured on H200s when
+# issue 5 was written (2026-11-27, quoted in the issue; no committed file holds them): an eager NCCL
+# all-reduce of 8 KB-1 MB took 38-57 us on 2 and 4 GPUs, an 8 KB one 19 us inside a CUDA graph on 2
+# GPUs; we take the CUDA-graph figure, as the predictor gives floors. PCIe cards: assumed twice
+# that (40 us: traffic goes through the host's PCIe switch; an assumption, not a measurement).
 _NVLINK_LATENCY = 19e-6
 _PCIE_LATENCY = 40e-6
 
